@@ -1,0 +1,217 @@
+"""Every message that crosses between actors: frozen dataclasses, named for what happened
+(`FlushDone`) or for what is asked (`Claim`).
+
+Records inside `Ingest` and `Restore` change owner with the message: the sender never
+touches them again. Records inside `Flush` are snapshots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from actors.records import ActivationId, KafkaOffset, Record, Status
+
+
+class Recipient(Protocol):
+    """Anything a message can be told to: a pykka `ActorRef`, or a test's collector."""
+
+    def tell(self, message: object) -> None: ...
+
+
+# --- To the state actor -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ingest:
+    """New activations consumed from Kafka, and the offsets the batch covers.
+
+    `offsets` may reach past the last record: messages that did not decode were
+    dead-lettered by the consumer and still advance their partition.
+    """
+
+    records: tuple[Record, ...]
+    offsets: tuple[KafkaOffset, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Hand out the oldest pending activation matching the filter (ask).
+
+    The answer is the serialized `TaskActivation`, or None when nothing is pending.
+    A namespace filter without an application matches that namespace in every application.
+    """
+
+    application: str | None = None
+    namespace: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimBatch:
+    """Many claims in one mailbox message (ask); answered with one result per claim."""
+
+    claims: tuple[Claim, ...]
+
+
+class ConcludeOutcome(Enum):
+    """What a worker's result did, for the caller's counters."""
+
+    APPLIED = "applied"
+    LATE = "late"  # the task had been reset to pending after its deadline; it is concluded
+    UNKNOWN = "unknown"  # no such id, or already finished: a no-op
+
+
+@dataclass(frozen=True, slots=True)
+class Conclude:
+    """A worker's result for one activation (ask), optionally claiming the next task.
+
+    `status` is COMPLETE, RETRY or FAILURE; `max_attempts` and `delay_on_retry_s`, when
+    given, replace those of the stored retry state.
+    """
+
+    id: ActivationId
+    status: Status
+    max_attempts: int | None = None
+    delay_on_retry_s: int | None = None
+    fetch_next: Claim | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConcludeResult:
+    outcome: ConcludeOutcome
+    next_task: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConcludeBatch:
+    """Many conclusions in one mailbox message (ask); one `ConcludeResult` each."""
+
+    conclusions: tuple[Conclude, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """The clock moved (ask): run deadline resets, expiry, delays, and the attempts cap.
+
+    `deadline_resets` is False during the grace period after startup, when workers may
+    still finish tasks that they claimed from the previous process.
+    """
+
+    now: float
+    deadline_resets: bool = True
+
+
+class ProduceKind(Enum):
+    RETRY = "retry"
+    DEADLETTER = "deadletter"
+
+
+@dataclass(frozen=True, slots=True)
+class ProduceOrder:
+    """An activation that needs a Kafka produce before its record can be removed.
+
+    For RETRY, the producer builds the new activation from `activation` with `attempts`
+    + 1, `max_attempts` and `delay_on_retry_s` (already rewritten by the worker's request).
+    For DEADLETTER, `activation` is sent as it is.
+    """
+
+    id: ActivationId
+    kind: ProduceKind
+    activation: bytes
+    max_attempts: int
+    delay_on_retry_s: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TickResult:
+    to_produce: tuple[ProduceOrder, ...]
+    deadline_resets: int
+    expired: int
+    delays_due: int
+    failed_by_deadline: int
+
+
+@dataclass(frozen=True, slots=True)
+class Produced:
+    """Kafka acknowledged these retries and dead letters: their records are finished."""
+
+    ids: tuple[ActivationId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """Every record the writer loaded at startup; the state machine starts from these."""
+
+    records: tuple[Record, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FlushDone:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlushFailed:
+    seq: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlushDue:
+    """The flush timer fired: send a batch if anything is dirty and none is outstanding."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Ask for a `StateStats`."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateStats:
+    by_status: dict[Status, int]
+    by_namespace: dict[tuple[str, str], int]  # (application, namespace) -> live records
+    by_partition: dict[int, int]
+    dirty: int
+    flush_outstanding: bool
+    ingest_paused: bool
+    oldest_pending_added_at: float | None
+
+
+# --- To the SQLite writer ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """One transaction's worth of changes; the writer answers FlushDone or FlushFailed.
+
+    Deletes are applied before upserts, so an id that finished and was then ingested
+    again ends up stored.
+    """
+
+    seq: int
+    upserts: tuple[Record, ...]
+    deletes: tuple[ActivationId, ...]
+    new_blobs: tuple[tuple[ActivationId, bytes], ...]
+    offsets: tuple[KafkaOffset, ...]
+
+    @property
+    def row_changes(self) -> int:
+        return len(self.upserts) + len(self.deletes) + len(self.new_blobs)
+
+
+# --- To the Kafka consumer -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Persisted:
+    """These offsets are durable in SQLite: they may be committed to Kafka."""
+
+    offsets: tuple[KafkaOffset, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestBackpressure:
+    """The state crossed a `max_*_count` limit (pause) or fell back under all (resume)."""
+
+    pause: bool
