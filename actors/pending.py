@@ -1,0 +1,131 @@
+"""The pending queue: activations waiting for a worker, in claim order.
+
+Workers claim with no filter, with an application, with an application and a namespace,
+or (rarely) with a namespace alone. Each of those must find the oldest matching entry in
+O(log n), so entries live in one heap per (application, namespace) group, and every wider
+scope keeps a small heap of its groups' heads: a k-way merge whose size follows the number
+of groups, not of records.
+
+Entries are never removed from the middle of a heap. An entry whose record is no longer
+pending (expired, concluded late, gone) is dead; the owner says which entries are alive
+through `is_live`, and dead ones are skipped when they reach the top.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from typing import TypeAlias
+
+from actors.records import ActivationId
+
+Entry: TypeAlias = tuple[float, int, ActivationId]
+"""(added_at, offset, id): oldest first, the offset breaks ties within one ingest batch."""
+
+Group: TypeAlias = tuple[str, str]
+"""(application, namespace)."""
+
+Scope: TypeAlias = tuple[str | None, str | None]
+"""A claim filter wider than one group: (None, None), (application, None), (None, namespace)."""
+
+_HeadEntry: TypeAlias = tuple[Entry, Group]
+
+# A scope's head heap collects a duplicate each time one of its groups gets an older head;
+# past this slack over the number of groups it is rebuilt, an O(groups) step that is rare.
+_HEAD_HEAP_SLACK = 16
+
+
+def _scopes_of(group: Group) -> tuple[Scope, Scope, Scope]:
+    application, namespace = group
+    return (None, None), (application, None), (None, namespace)
+
+
+class PendingQueue:
+    """Pending activations by group, poppable oldest-first within any filter."""
+
+    def __init__(self, is_live: Callable[[Entry], bool]) -> None:
+        self._is_live = is_live
+        self._groups: dict[Group, list[Entry]] = {}
+        self._heads: dict[Scope, list[_HeadEntry]] = {}
+        self._scope_groups: dict[Scope, set[Group]] = {}
+
+    def __repr__(self) -> str:
+        entries = sum(len(heap) for heap in self._groups.values())
+        return f"PendingQueue(groups={len(self._groups)}, entries={entries})"
+
+    def push(self, group: Group, entry: Entry) -> None:
+        heap = self._groups.get(group)
+        if heap is None:
+            heap = self._groups[group] = []
+            for scope in _scopes_of(group):
+                self._scope_groups.setdefault(scope, set()).add(group)
+        is_new_head = not heap or entry < heap[0]
+        heapq.heappush(heap, entry)
+        if is_new_head:
+            for scope in _scopes_of(group):
+                self._push_head(scope, entry, group)
+
+    def pop(self, application: str | None, namespace: str | None) -> Entry | None:
+        """Remove and return the oldest live entry within the filter, or None."""
+        if application is not None and namespace is not None:
+            group = (application, namespace)
+            top = self._live_top(group)
+            if top is None:
+                return None
+            heapq.heappop(self._groups[group])
+            return top
+        found = self._find_in_scope((application, namespace))
+        if found is None:
+            return None
+        scope_heads = self._heads[(application, namespace)]
+        entry, group = found
+        group_heap = self._groups[group]
+        heapq.heappop(group_heap)
+        if group_heap:
+            heapq.heapreplace(scope_heads, (group_heap[0], group))
+        else:
+            heapq.heappop(scope_heads)
+        return entry
+
+    def peek_oldest(self) -> Entry | None:
+        """The oldest live entry of all, without removing it."""
+        found = self._find_in_scope((None, None))
+        return None if found is None else found[0]
+
+    def prune(self, group: Group) -> None:
+        """Drop dead entries at the top of a group, e.g. after expiry removed its oldest."""
+        self._live_top(group)
+
+    def _live_top(self, group: Group) -> Entry | None:
+        heap = self._groups.get(group)
+        if not heap:
+            return None
+        while heap and not self._is_live(heap[0]):
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    def _find_in_scope(self, scope: Scope) -> _HeadEntry | None:
+        """The scope's oldest live entry, with the head heap's top left pointing at it.
+
+        Each head entry is at most as old as its group's real head, so the first head entry
+        that still equals its group's live top is the oldest in the scope.
+        """
+        scope_heads = self._heads.get(scope)
+        while scope_heads:
+            head, group = scope_heads[0]
+            top = self._live_top(group)
+            if top is None:
+                heapq.heappop(scope_heads)
+            elif top != head:
+                heapq.heapreplace(scope_heads, (top, group))
+            else:
+                return head, group
+        return None
+
+    def _push_head(self, scope: Scope, entry: Entry, group: Group) -> None:
+        scope_heads = self._heads.setdefault(scope, [])
+        heapq.heappush(scope_heads, (entry, group))
+        groups = self._scope_groups[scope]
+        if len(scope_heads) > 2 * len(groups) + _HEAD_HEAP_SLACK:
+            scope_heads[:] = [(self._groups[g][0], g) for g in groups if self._groups[g]]
+            heapq.heapify(scope_heads)

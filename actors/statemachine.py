@@ -1,0 +1,455 @@
+"""Every in-flight activation's state and every transition: plain Python, no threads, no I/O.
+
+The state actor is a thin shell around `StateMachine`; each method takes `now` so that
+tests drive the clock. Heaps are indexes that may hold dead entries: an entry is trusted
+only after checking it against the record it names, so no transition ever searches a heap.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from dataclasses import dataclass, field
+
+from actors.messages import (
+    ConcludeOutcome,
+    Flush,
+    ProduceKind,
+    ProduceOrder,
+    TickResult,
+)
+from actors.pending import Entry, PendingQueue
+from actors.records import (
+    ActivationId,
+    KafkaOffset,
+    Offset,
+    OnAttemptsExceeded,
+    Partition,
+    Record,
+    Status,
+)
+
+_CONCLUSIONS = frozenset({Status.COMPLETE, Status.RETRY, Status.FAILURE})
+_CONCLUDABLE = frozenset({Status.PROCESSING, Status.PENDING})
+_AWAITING_PRODUCE = frozenset({Status.RETRY, Status.FAILURE})
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The knobs of the transitions; defaults are taskbroker's."""
+
+    max_pending_count: int = 2048
+    max_processing_count: int = 2048
+    max_delay_count: int = 8192
+    max_processing_attempts: int = 5
+    processing_deadline_grace_s: float = 3.0
+    max_delayed_task_allowed_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_pending_count", "max_processing_count", "max_delay_count"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_processing_attempts < 1:
+            raise ValueError(
+                f"max_processing_attempts must be at least 1, got {self.max_processing_attempts}"
+            )
+        if self.processing_deadline_grace_s < 0:
+            raise ValueError("processing_deadline_grace_s must not be negative")
+        if self.max_delayed_task_allowed_s < 0:
+            raise ValueError("max_delayed_task_allowed_s must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    accepted: int
+    duplicates: int
+
+
+@dataclass(slots=True)
+class _InFlightFlush:
+    """What the outstanding flush carried, to be marked dirty again if it fails."""
+
+    seq: int
+    upserted: frozenset[ActivationId]
+    blobs: frozenset[ActivationId]
+    deletes: frozenset[ActivationId]
+    offsets: dict[Partition, Offset]
+
+
+@dataclass(slots=True)
+class _Changes:
+    """What the next flush must carry."""
+
+    dirty: set[ActivationId] = field(default_factory=set)
+    blobs: set[ActivationId] = field(default_factory=set)
+    deletes: set[ActivationId] = field(default_factory=set)
+    offsets: dict[Partition, Offset] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.dirty or self.blobs or self.deletes or self.offsets)
+
+    def merge_offsets(self, offsets: dict[Partition, Offset]) -> None:
+        for partition, offset in offsets.items():
+            if offset > self.offsets.get(partition, -1):
+                self.offsets[partition] = offset
+
+
+class StateMachine:
+    """Owns every in-flight record, its indexes, and what must reach SQLite next."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._records: dict[ActivationId, Record] = {}
+        self._pending = PendingQueue(self._is_pending_entry)
+        self._deadlines: list[tuple[float, ActivationId]] = []
+        self._delays: list[tuple[float, ActivationId]] = []
+        self._expiries: list[tuple[float, ActivationId]] = []
+        self._retry: set[ActivationId] = set()
+        self._deadletter: set[ActivationId] = set()
+        self._by_status: Counter[Status] = Counter()
+        self._by_group: Counter[tuple[str, str, Status]] = Counter()
+        self._by_partition: Counter[Partition] = Counter()
+        self._changes = _Changes()
+        # Ids whose row was handed to the writer: only those need a delete when they finish.
+        self._in_store: set[ActivationId] = set()
+        self._in_flight: _InFlightFlush | None = None
+        self._flush_seq = 0
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s.name.lower()}={n}" for s, n in sorted(self._by_status.items()) if n)
+        return f"StateMachine({counts or 'empty'}, dirty={len(self._changes.dirty)})"
+
+    # --- queries ------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, activation_id: ActivationId) -> Record | None:
+        return self._records.get(activation_id)
+
+    def count(self, status: Status) -> int:
+        return self._by_status[status]
+
+    def counts_by_status(self) -> dict[Status, int]:
+        return {status: self._by_status[status] for status in Status if status != Status.COMPLETE}
+
+    def counts_by_group(self) -> dict[tuple[str, str, Status], int]:
+        return {key: n for key, n in self._by_group.items() if n}
+
+    def counts_by_partition(self) -> dict[Partition, int]:
+        return {partition: n for partition, n in self._by_partition.items() if n}
+
+    @property
+    def ingest_should_pause(self) -> bool:
+        limits = self.limits
+        return (
+            self._by_status[Status.PENDING] >= limits.max_pending_count
+            or self._by_status[Status.PROCESSING] >= limits.max_processing_count
+            or self._by_status[Status.DELAY] >= limits.max_delay_count
+        )
+
+    @property
+    def dirty_count(self) -> int:
+        changes = self._changes
+        return len(changes.dirty) + len(changes.deletes)
+
+    @property
+    def flush_outstanding(self) -> bool:
+        return self._in_flight is not None
+
+    @property
+    def has_unflushed_changes(self) -> bool:
+        return bool(self._changes) or self._in_flight is not None
+
+    def oldest_pending_added_at(self) -> float | None:
+        entry = self._pending.peek_oldest()
+        return None if entry is None else entry[0]
+
+    # --- transitions ----------------------------------------------------------------------
+
+    def ingest(
+        self, records: tuple[Record, ...], offsets: tuple[KafkaOffset, ...], now: float
+    ) -> IngestResult:
+        """Take ownership of newly consumed records; an id already in flight is a duplicate."""
+        accepted = 0
+        for record in records:
+            if record.id in self._records:
+                continue
+            accepted += 1
+            record.added_at = now
+            if record.delay_until is not None:
+                cap = record.received_at + self.limits.max_delayed_task_allowed_s
+                record.delay_until = min(record.delay_until, cap)
+            due = record.delay_until is not None and record.delay_until > now
+            record.status = Status.DELAY if due else Status.PENDING
+            self._add(record)
+            self._changes.dirty.add(record.id)
+            self._changes.deletes.discard(record.id)
+            self._changes.blobs.add(record.id)
+        self._changes.merge_offsets({o.partition: o.offset for o in offsets})
+        return IngestResult(accepted=accepted, duplicates=len(records) - accepted)
+
+    def claim(
+        self, now: float, application: str | None = None, namespace: str | None = None
+    ) -> Record | None:
+        """Hand out the oldest pending record within the filter; expired ones are dropped."""
+        self._promote_delays(now)
+        while (entry := self._pending.pop(application, namespace)) is not None:
+            record = self._records[entry[2]]
+            if record.expires_at is not None and record.expires_at <= now:
+                self._finish(record)
+                continue
+            grace_s = self.limits.processing_deadline_grace_s
+            deadline = now + record.processing_deadline_duration_s + grace_s
+            record.processing_deadline = deadline
+            heapq.heappush(self._deadlines, (deadline, record.id))
+            self._set_status(record, Status.PROCESSING)
+            return record
+        return None
+
+    def conclude(
+        self,
+        activation_id: ActivationId,
+        status: Status,
+        *,
+        max_attempts: int | None = None,
+        delay_on_retry_s: int | None = None,
+    ) -> ConcludeOutcome:
+        """Apply a worker's result. A result for a task reset to pending after its deadline
+        still counts: the worker was late, not dead, and running it again would duplicate it.
+        """
+        if status not in _CONCLUSIONS:
+            raise ValueError(f"a result is COMPLETE, RETRY or FAILURE, not {status!r}")
+        record = self._records.get(activation_id)
+        if record is None or record.status not in _CONCLUDABLE:
+            return ConcludeOutcome.UNKNOWN
+        outcome = (
+            ConcludeOutcome.LATE if record.status is Status.PENDING else ConcludeOutcome.APPLIED
+        )
+        if status is Status.COMPLETE:
+            self._finish(record)
+        elif status is Status.FAILURE:
+            self._fail(record)
+        else:
+            if max_attempts is not None:
+                record.max_attempts = max_attempts
+            if delay_on_retry_s is not None:
+                record.delay_on_retry_s = delay_on_retry_s
+            if record.attempts + 1 < record.max_attempts:
+                self._retry.add(record.id)
+                self._set_status(record, Status.RETRY)
+            else:
+                self._fail(record)
+        return outcome
+
+    def tick(self, now: float, *, deadline_resets: bool = True) -> TickResult:
+        """Run every time-driven transition and list what Kafka must acknowledge next."""
+        delays_due = self._promote_delays(now)
+        expired = self._expire(now)
+        resets, failed_by_deadline = self._handle_deadlines(now) if deadline_resets else (0, 0)
+        return TickResult(
+            to_produce=self.produce_orders(),
+            deadline_resets=resets,
+            expired=expired,
+            delays_due=delays_due,
+            failed_by_deadline=failed_by_deadline,
+        )
+
+    def produce_orders(self) -> tuple[ProduceOrder, ...]:
+        orders = [self._order(self._records[i], ProduceKind.RETRY) for i in self._retry]
+        orders += [self._order(self._records[i], ProduceKind.DEADLETTER) for i in self._deadletter]
+        return tuple(orders)
+
+    def produced(self, ids: tuple[ActivationId, ...]) -> int:
+        """Kafka acknowledged these retries and dead letters; returns how many finished."""
+        finished = 0
+        for activation_id in ids:
+            record = self._records.get(activation_id)
+            if record is not None and record.status in _AWAITING_PRODUCE:
+                self._finish(record)
+                finished += 1
+        return finished
+
+    def restore(self, records: tuple[Record, ...] | list[Record]) -> None:
+        """Rebuild every index from persisted rows; only an empty machine can be restored."""
+        if self._records or self._changes:
+            raise ValueError(f"restore needs an empty state machine, not {self!r}")
+        for record in records:
+            self._in_store.add(record.id)
+            self._add(record)
+            if record.status is Status.PROCESSING and record.processing_deadline is not None:
+                heapq.heappush(self._deadlines, (record.processing_deadline, record.id))
+
+    # --- flushing -------------------------------------------------------------------------
+
+    def take_flush(self) -> Flush | None:
+        """The next batch for the writer, or None while one is outstanding or nothing changed."""
+        if self._in_flight is not None or not self._changes:
+            return None
+        changes, self._changes = self._changes, _Changes()
+        self._flush_seq += 1
+        records = self._records
+        self._in_store.update(changes.blobs)
+        self._in_flight = _InFlightFlush(
+            seq=self._flush_seq,
+            upserted=frozenset(changes.dirty),
+            blobs=frozenset(changes.blobs),
+            deletes=frozenset(changes.deletes),
+            offsets=changes.offsets,
+        )
+        return Flush(
+            seq=self._flush_seq,
+            upserts=tuple(records[i].snapshot() for i in changes.dirty),
+            deletes=tuple(changes.deletes),
+            new_blobs=tuple((i, records[i].activation) for i in changes.blobs),
+            offsets=tuple(KafkaOffset(p, o) for p, o in sorted(changes.offsets.items())),
+        )
+
+    def flush_done(self, seq: int) -> bool:
+        """The writer committed batch `seq`; False when it is not the outstanding one."""
+        if self._in_flight is None or self._in_flight.seq != seq:
+            return False
+        self._in_flight = None
+        return True
+
+    def flush_failed(self, seq: int) -> bool:
+        """The writer rolled batch `seq` back: its changes go into the next batch again."""
+        in_flight = self._in_flight
+        if in_flight is None or in_flight.seq != seq:
+            return False
+        self._in_flight = None
+        records, changes = self._records, self._changes
+        changes.dirty.update(i for i in in_flight.upserted if i in records)
+        changes.blobs.update(i for i in in_flight.blobs if i in records)
+        changes.deletes.update(i for i in in_flight.deletes if i not in records)
+        changes.merge_offsets(in_flight.offsets)
+        return True
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _is_pending_entry(self, entry: Entry) -> bool:
+        record = self._records.get(entry[2])
+        return (
+            record is not None
+            and record.status is Status.PENDING
+            and record.added_at == entry[0]
+            and record.offset == entry[1]
+        )
+
+    def _add(self, record: Record) -> None:
+        """Index a record that is new to memory, by the status it arrives with."""
+        if record.status is Status.DELAY and record.delay_until is None:
+            record.status = Status.PENDING
+        status = record.status
+        self._records[record.id] = record
+        self._by_partition[record.partition] += 1
+        self._by_status[status] += 1
+        self._by_group[(record.application, record.namespace, status)] += 1
+        if status is Status.PENDING:
+            self._enter_pending(record)
+        elif status is Status.DELAY and record.delay_until is not None:
+            heapq.heappush(self._delays, (record.delay_until, record.id))
+        elif status is Status.RETRY:
+            self._retry.add(record.id)
+        elif status is Status.FAILURE:
+            self._deadletter.add(record.id)
+
+    def _enter_pending(self, record: Record) -> None:
+        self._pending.push(
+            (record.application, record.namespace), (record.added_at, record.offset, record.id)
+        )
+        if record.expires_at is not None:
+            heapq.heappush(self._expiries, (record.expires_at, record.id))
+
+    def _set_status(self, record: Record, status: Status) -> None:
+        old = record.status
+        self._by_status[old] -= 1
+        self._by_status[status] += 1
+        self._by_group[(record.application, record.namespace, old)] -= 1
+        self._by_group[(record.application, record.namespace, status)] += 1
+        record.status = status
+        self._changes.dirty.add(record.id)
+
+    def _fail(self, record: Record) -> None:
+        if record.on_attempts_exceeded is OnAttemptsExceeded.DEADLETTER:
+            self._deadletter.add(record.id)
+            self._set_status(record, Status.FAILURE)
+        else:
+            self._finish(record)
+
+    def _finish(self, record: Record) -> None:
+        """The record is complete: it leaves memory, and its row goes if it was ever written."""
+        activation_id = record.id
+        del self._records[activation_id]
+        self._by_status[record.status] -= 1
+        self._by_group[(record.application, record.namespace, record.status)] -= 1
+        self._by_partition[record.partition] -= 1
+        self._retry.discard(activation_id)
+        self._deadletter.discard(activation_id)
+        changes = self._changes
+        changes.dirty.discard(activation_id)
+        changes.blobs.discard(activation_id)
+        if activation_id in self._in_store:
+            self._in_store.discard(activation_id)
+            changes.deletes.add(activation_id)
+        record.status = Status.COMPLETE
+
+    def _promote_delays(self, now: float) -> int:
+        delays, records = self._delays, self._records
+        promoted = 0
+        while delays and delays[0][0] <= now:
+            due_at, activation_id = heapq.heappop(delays)
+            record = records.get(activation_id)
+            if record is None or record.status is not Status.DELAY or record.delay_until != due_at:
+                continue
+            self._set_status(record, Status.PENDING)
+            self._enter_pending(record)
+            promoted += 1
+        return promoted
+
+    def _expire(self, now: float) -> int:
+        expiries, records = self._expiries, self._records
+        expired = 0
+        while expiries and expiries[0][0] <= now:
+            expires_at, activation_id = heapq.heappop(expiries)
+            record = records.get(activation_id)
+            if record is None or record.status is not Status.PENDING:
+                continue
+            if record.expires_at != expires_at:
+                continue
+            self._finish(record)
+            self._pending.prune((record.application, record.namespace))
+            expired += 1
+        return expired
+
+    def _handle_deadlines(self, now: float) -> tuple[int, int]:
+        deadlines, records = self._deadlines, self._records
+        resets = failed = 0
+        while deadlines and deadlines[0][0] <= now:
+            deadline, activation_id = heapq.heappop(deadlines)
+            record = records.get(activation_id)
+            if record is None or record.status is not Status.PROCESSING:
+                continue
+            if record.processing_deadline != deadline:
+                continue
+            record.processing_deadline = None
+            record.processing_attempts += 1
+            exhausted = record.processing_attempts >= self.limits.max_processing_attempts
+            if record.at_most_once or exhausted:
+                self._fail(record)
+                failed += 1
+            else:
+                self._set_status(record, Status.PENDING)
+                self._enter_pending(record)
+                resets += 1
+        return resets, failed
+
+    @staticmethod
+    def _order(record: Record, kind: ProduceKind) -> ProduceOrder:
+        return ProduceOrder(
+            id=record.id,
+            kind=kind,
+            activation=record.activation,
+            max_attempts=record.max_attempts,
+            delay_on_retry_s=record.delay_on_retry_s,
+        )
