@@ -181,7 +181,10 @@ def _grpc_stub(file: descriptor_pb2.FileDescriptorProto) -> str:
         _STUB_PRELUDE.format(source=file.name, module=module, pb2=f"{pb2}_pb2"),
     ]
     for service in file.service:
-        stub = [f"class {service.name}Stub:", "    def __init__(self, channel: grpc.Channel) -> None: ..."]
+        stub = [
+            f"class {service.name}Stub:",
+            "    def __init__(self, channel: grpc.Channel) -> None: ...",
+        ]
         servicer = [f"class {service.name}Servicer:"]
         for method in service.method:
             if method.client_streaming:
