@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from actors.messages import (
@@ -123,6 +124,9 @@ class StateMachine:
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self._records.values())
 
     def get(self, activation_id: ActivationId) -> Record | None:
         return self._records.get(activation_id)

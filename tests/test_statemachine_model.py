@@ -1,0 +1,233 @@
+"""Random sequences of ingests, claims, results, ticks and flush outcomes, checked after
+every step against rules that a correct broker cannot break."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+)
+
+from actors.messages import Flush
+from actors.records import (
+    ActivationId,
+    KafkaOffset,
+    Offset,
+    OnAttemptsExceeded,
+    Partition,
+    Record,
+    Status,
+)
+from actors.statemachine import Limits, StateMachine
+from tests.factories import make_record
+
+APPLICATIONS = ("a1", "a2")
+NAMESPACES = ("n1", "n2", "n3")
+filters = st.tuples(st.sampled_from((None, *APPLICATIONS)), st.sampled_from((None, *NAMESPACES)))
+
+
+class StateMachineModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.machine = StateMachine(Limits(max_processing_attempts=3))
+        self.now = 1000.0
+        self.next_offset = 0
+        self.ever_ingested: set[ActivationId] = set()
+        self.store_rows: dict[ActivationId, Record] = {}
+        self.store_blobs: dict[ActivationId, bytes] = {}
+        self.outstanding: Flush | None = None
+        self.live_before: set[ActivationId] = set()
+
+    def live_ids(self) -> set[ActivationId]:
+        return {record.id for record in self.machine}
+
+    # --- operations --------------------------------------------------------------------------
+
+    @rule(
+        count=st.integers(1, 4),
+        application=st.sampled_from(APPLICATIONS),
+        namespace=st.sampled_from(NAMESPACES),
+        delay_s=st.sampled_from((None, 0, 5, 20)),
+        expires_s=st.sampled_from((None, 3, 50)),
+        at_most_once=st.booleans(),
+        deadletter=st.booleans(),
+        reuse_id=st.booleans(),
+    )
+    def ingest(
+        self,
+        count: int,
+        application: str,
+        namespace: str,
+        delay_s: int | None,
+        expires_s: int | None,
+        at_most_once: bool,
+        deadletter: bool,
+        reuse_id: bool,
+    ) -> None:
+        records = []
+        for _ in range(count):
+            offset = self.next_offset
+            self.next_offset += 1
+            reusable = sorted(self.ever_ingested)
+            name = reusable[offset % len(reusable)] if reuse_id and reusable else f"t{offset}"
+            records.append(
+                make_record(
+                    name,
+                    application=application,
+                    namespace=namespace,
+                    received_at=self.now,
+                    offset=Offset(offset),
+                    delay_until=None if delay_s is None else self.now + delay_s,
+                    expires_at=None if expires_s is None else self.now + expires_s,
+                    at_most_once=at_most_once,
+                    on_attempts_exceeded=(
+                        OnAttemptsExceeded.DEADLETTER if deadletter else OnAttemptsExceeded.DISCARD
+                    ),
+                    max_attempts=2,
+                )
+            )
+        before = self.live_ids()
+        offsets = (KafkaOffset(Partition(0), Offset(self.next_offset - 1)),)
+        self.machine.ingest(tuple(records), offsets, self.now)
+        for record in records:
+            if record.id in before:
+                continue
+            self.ever_ingested.add(record.id)
+        assert before <= self.live_ids(), "ingest removed a record"
+
+    @rule(scope=filters)
+    def claim(self, scope: tuple[str | None, str | None]) -> None:
+        application, namespace = scope
+        eligible = [
+            r
+            for r in self.machine
+            if (
+                r.status is Status.PENDING
+                or (
+                    r.status is Status.DELAY
+                    and r.delay_until is not None
+                    and r.delay_until <= self.now
+                )
+            )
+            and (r.expires_at is None or r.expires_at > self.now)
+            and application in (None, r.application)
+            and namespace in (None, r.namespace)
+        ]
+        before = {r.id: r.expires_at for r in self.machine}
+        record = self.machine.claim(self.now, application, namespace)
+        if not eligible:
+            assert record is None
+        else:
+            oldest = min(eligible, key=lambda r: (r.added_at, r.offset))
+            assert record is not None
+            assert record.id == oldest.id, "claims come oldest first within their filter"
+            assert record.status is Status.PROCESSING
+        for gone in before.keys() - self.live_ids():
+            expires_at = before[gone]
+            assert expires_at is not None, "claim removed a task that cannot expire"
+            assert expires_at <= self.now, "claim removed a live task"
+
+    @rule(
+        pick=st.integers(0, 1000),
+        status=st.sampled_from((Status.COMPLETE, Status.RETRY, Status.FAILURE)),
+        max_attempts=st.sampled_from((None, 1, 5)),
+    )
+    def conclude(self, pick: int, status: Status, max_attempts: int | None) -> None:
+        candidates = sorted(self.ever_ingested)
+        if not candidates:
+            return
+        target = candidates[pick % len(candidates)]
+        before = self.live_ids()
+        self.machine.conclude(target, status, max_attempts=max_attempts)
+        assert before - self.live_ids() <= {target}, "a result removed another task"
+
+    @rule(seconds=st.sampled_from((0.5, 2, 7, 30)), resets=st.booleans())
+    def tick(self, seconds: float, resets: bool) -> None:
+        self.now += seconds
+        before = {r.id: copy.copy(r) for r in self.machine}
+        result = self.machine.tick(self.now, deadline_resets=resets)
+        for gone in before.keys() - self.live_ids():
+            record = before[gone]
+            expired = record.expires_at is not None and record.expires_at <= self.now
+            overdue = (
+                resets
+                and record.status is Status.PROCESSING
+                and record.processing_deadline is not None
+                and record.processing_deadline <= self.now
+            )
+            assert expired or overdue, f"tick removed {record!r}"
+        produce_ids = {order.id for order in result.to_produce}
+        awaiting = {r.id for r in self.machine if r.status in (Status.RETRY, Status.FAILURE)}
+        assert produce_ids == awaiting
+
+    @rule(take=st.integers(0, 10))
+    def produced(self, take: int) -> None:
+        orders = self.machine.produce_orders()[:take]
+        acknowledged = tuple(order.id for order in orders)
+        before = self.live_ids()
+        self.machine.produced(acknowledged)
+        assert before - self.live_ids() == set(acknowledged)
+
+    @precondition(lambda self: self.outstanding is None)
+    @rule()
+    def take_flush(self) -> None:
+        self.outstanding = self.machine.take_flush()
+
+    @precondition(lambda self: self.outstanding is not None)
+    @rule(succeed=st.booleans())
+    def flush_outcome(self, succeed: bool) -> None:
+        flush = self.outstanding
+        assert flush is not None
+        self.outstanding = None
+        if not succeed:
+            assert self.machine.flush_failed(flush.seq)
+            return
+        for activation_id in flush.deletes:
+            self.store_rows.pop(activation_id, None)
+            self.store_blobs.pop(activation_id, None)
+        for row in flush.upserts:
+            self.store_rows[row.id] = row
+        self.store_blobs.update(flush.new_blobs)
+        assert self.machine.flush_done(flush.seq)
+
+    # --- invariants -------------------------------------------------------------------------
+
+    @invariant()
+    def each_live_id_has_exactly_one_status(self) -> None:
+        records = list(self.machine)
+        assert len({r.id for r in records}) == len(records) == len(self.machine)
+        by_status = Counter(r.status for r in records)
+        for status, count in self.machine.counts_by_status().items():
+            assert by_status[status] == count, status
+        assert Status.COMPLETE not in by_status
+
+    @invariant()
+    def flushed_batches_reproduce_the_state(self) -> None:
+        if self.outstanding is not None:
+            return
+        final = self.machine.take_flush()
+        if final is not None:
+            self.outstanding = final
+            self.flush_outcome(succeed=True)
+        stored = {}
+        for activation_id, row in self.store_rows.items():
+            restored = copy.copy(row)
+            restored.activation = self.store_blobs[activation_id]
+            stored[activation_id] = restored
+        live = {r.id: r for r in self.machine}
+        assert stored == live
+        replica = StateMachine(self.machine.limits)
+        replica.restore([copy.copy(r) for r in stored.values()])
+        assert replica.counts_by_status() == self.machine.counts_by_status()
+        assert replica.counts_by_group() == self.machine.counts_by_group()
+
+
+TestStateMachineModel = StateMachineModel.TestCase
+TestStateMachineModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
