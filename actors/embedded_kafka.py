@@ -44,6 +44,7 @@ _POLL_INTERVAL_S = 0.05
 # On SIGTERM Tansu waits for every client to disconnect; a client left open would hold
 # it forever, and an in-memory broker has nothing to save, so the grace is short.
 _STOP_GRACE_S = 1.0
+_KILL_WAIT_S = 5.0
 _LOG_TAIL_CHARS = 2000
 
 
@@ -160,14 +161,14 @@ class EmbeddedKafka:
             raise
         _log.info("embedded kafka ready on %s (pid %d)", self.bootstrap, self.pid)
 
-    def stop(self, timeout_s: float = _STOP_GRACE_S) -> None:
-        """Terminate the broker (SIGTERM, then SIGKILL after `timeout_s`); idempotent."""
+    def stop(self, grace_s: float = _STOP_GRACE_S) -> None:
+        """Terminate the broker (SIGTERM, then SIGKILL after `grace_s`); idempotent."""
         self._admin = None
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
         if self._process is not None:
-            _terminate(self._process, timeout_s)
+            _terminate(self._process, grace_s)
             self._process = None
         if self._log_path is not None:
             self._log_path.unlink(missing_ok=True)
@@ -247,7 +248,8 @@ class EmbeddedKafka:
                 start_new_session=True,
             )
         self._process = process
-        self._finalizer = weakref.finalize(self, _terminate, process, _STOP_GRACE_S)
+        # Nobody waits for a forgotten broker to shut down cleanly, so it is killed outright.
+        self._finalizer = weakref.finalize(self, _kill, process)
         return process
 
     def _wait_until_ready(
@@ -285,19 +287,24 @@ class EmbeddedKafka:
         return ""
 
 
-def _terminate(process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    """Stop the broker's whole process group; a module function so finalizers can call it."""
+def _terminate(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM the broker's process group, and SIGKILL it if it is still there after `grace_s`."""
     if process.poll() is not None:
         return
     _signal_group(process, signal.SIGTERM)
     try:
-        process.wait(timeout=timeout_s)
+        process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         _log.info(
             "embedded kafka (pid %d) still has clients after SIGTERM; killing it", process.pid
         )
-        _signal_group(process, signal.SIGKILL)
-        process.wait(timeout=timeout_s)
+        _kill(process)
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the broker's process group; a module function so a finalizer can call it."""
+    _signal_group(process, signal.SIGKILL)
+    process.wait(timeout=_KILL_WAIT_S)
 
 
 def _signal_group(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:
