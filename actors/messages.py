@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from actors.records import ActivationId, KafkaOffset, Record, Status
+from actors.records import ActivationId, KafkaOffset, Partition, Record, Status
 
 
 class Recipient(Protocol):
@@ -163,6 +163,20 @@ class FlushDue:
 
 
 @dataclass(frozen=True, slots=True)
+class Connect:
+    """The supervisor introduces the state actor to peers started after it."""
+
+    writer: Recipient | None = None
+    consumer: Recipient | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Send what is dirty now (ask); True once nothing is left unflushed. Shutdown repeats
+    it until True, so the last changes reach the writer before it closes."""
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     """Ask for a `StateStats`."""
 
@@ -170,12 +184,14 @@ class Stats:
 @dataclass(frozen=True, slots=True)
 class StateStats:
     by_status: dict[Status, int]
-    by_namespace: dict[tuple[str, str], int]  # (application, namespace) -> live records
-    by_partition: dict[int, int]
+    by_group: dict[tuple[str, str, Status], int]  # (application, namespace, status) -> records
+    by_partition: dict[Partition, int]
     dirty: int
     flush_outstanding: bool
     ingest_paused: bool
     oldest_pending_added_at: float | None
+    claims: dict[str, int]  # "hit" / "miss"
+    conclusions: dict[str, int]  # by ConcludeOutcome value
 
 
 # --- To the SQLite writer ------------------------------------------------------------

@@ -1,0 +1,190 @@
+"""StateActor: the thin actor around `StateMachine`.
+
+It never blocks and never asks: it answers claims and results from memory, tells the writer
+one flush batch at a time, and tells the consumer when ingest should pause or resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from actors.messages import (
+    Claim,
+    ClaimBatch,
+    Conclude,
+    ConcludeBatch,
+    ConcludeResult,
+    Connect,
+    Drain,
+    FlushDone,
+    FlushDue,
+    FlushFailed,
+    Ingest,
+    IngestBackpressure,
+    Produced,
+    Recipient,
+    Restore,
+    StateStats,
+    Stats,
+    Tick,
+    TickResult,
+)
+from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, Ticker
+from actors.statemachine import Limits, StateMachine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    limits: Limits = field(default_factory=Limits)
+    flush_interval_ms: int = 50
+    flush_max_dirty: int = 10_000
+    """Past this many dirty records a batch goes as soon as the writer is free."""
+
+    def __post_init__(self) -> None:
+        if self.flush_interval_ms < 1:
+            raise ValueError(f"flush_interval_ms must be at least 1, got {self.flush_interval_ms}")
+        if self.flush_max_dirty < 1:
+            raise ValueError(f"flush_max_dirty must be at least 1, got {self.flush_max_dirty}")
+
+
+class StateActor(BrokerActor):
+    def __init__(
+        self,
+        config: StateConfig,
+        mailbox: MailboxConfig,
+        *,
+        observer: MailboxObserver | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__("state", mailbox, observer)
+        self._config = config
+        self._machine = StateMachine(config.limits)
+        self._clock = clock
+        self._writer: Recipient | None = None
+        self._consumer: Recipient | None = None
+        self._ingest_paused = False
+        self._claims: Counter[str] = Counter()
+        self._conclusions: Counter[str] = Counter()
+        self._flush_timer: Ticker | None = None
+
+    def __repr__(self) -> str:
+        return f"<StateActor {self._machine!r}>"
+
+    def on_start(self) -> None:
+        self._flush_timer = Ticker(
+            self.actor_ref, FlushDue(), self._config.flush_interval_ms / 1000, "state-flush-timer"
+        )
+        self._flush_timer.start()
+
+    def on_stop(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.stop()
+
+    def handle(self, message: object) -> object:  # noqa: PLR0911, PLR0912 - one branch per message
+        machine = self._machine
+        match message:
+            case ConcludeBatch(conclusions):
+                results = tuple(self._conclude(c) for c in conclusions)
+                self._after_change()
+                return results
+            case ClaimBatch(claims):
+                answers = tuple(self._claim(c) for c in claims)
+                self._after_change()
+                return answers
+            case Conclude():
+                result = self._conclude(message)
+                self._after_change()
+                return result
+            case Claim():
+                answer = self._claim(message)
+                self._after_change()
+                return answer
+            case Ingest(records, offsets):
+                machine.ingest(records, offsets, self._clock())
+                self._after_change()
+            case Tick(now, deadline_resets):
+                ticked: TickResult = machine.tick(now, deadline_resets=deadline_resets)
+                self._after_change()
+                return ticked
+            case Produced(ids):
+                machine.produced(ids)
+                self._after_change()
+            case FlushDue():
+                self._send_flush()
+            case FlushDone(seq):
+                machine.flush_done(seq)
+                if machine.dirty_count >= self._config.flush_max_dirty:
+                    self._send_flush()
+            case FlushFailed(seq, error):
+                # The writer already waited out its backoff; the timer sends the retry.
+                logger.debug("flush %d failed, its changes go again: %s", seq, error)
+                machine.flush_failed(seq)
+            case Restore(records):
+                machine.restore(records)
+                logger.info("restored %d activations", len(machine))
+                self._after_change()
+            case Connect(writer, consumer):
+                self._writer = writer if writer is not None else self._writer
+                self._consumer = consumer if consumer is not None else self._consumer
+                if self._consumer is not None:
+                    self._consumer.tell(IngestBackpressure(pause=self._ingest_paused))
+            case Drain():
+                self._send_flush()
+                return not machine.has_unflushed_changes
+            case Stats():
+                return self._stats()
+            case _:
+                raise TypeError(f"state actor got an unknown message: {message!r}")
+        return None
+
+    def _claim(self, claim: Claim) -> bytes | None:
+        record = self._machine.claim(self._clock(), claim.application, claim.namespace)
+        self._claims["hit" if record is not None else "miss"] += 1
+        return None if record is None else record.activation
+
+    def _conclude(self, conclude: Conclude) -> ConcludeResult:
+        outcome = self._machine.conclude(
+            conclude.id,
+            conclude.status,
+            max_attempts=conclude.max_attempts,
+            delay_on_retry_s=conclude.delay_on_retry_s,
+        )
+        self._conclusions[outcome.value] += 1
+        next_task = None if conclude.fetch_next is None else self._claim(conclude.fetch_next)
+        return ConcludeResult(outcome, next_task)
+
+    def _after_change(self) -> None:
+        if self._machine.dirty_count >= self._config.flush_max_dirty:
+            self._send_flush()
+        paused = self._machine.ingest_should_pause
+        if paused != self._ingest_paused:
+            self._ingest_paused = paused
+            if self._consumer is not None:
+                self._consumer.tell(IngestBackpressure(pause=paused))
+
+    def _send_flush(self) -> None:
+        if self._writer is None:
+            return
+        flush = self._machine.take_flush()
+        if flush is not None:
+            self._writer.tell(flush)
+
+    def _stats(self) -> StateStats:
+        machine = self._machine
+        return StateStats(
+            by_status=machine.counts_by_status(),
+            by_group=machine.counts_by_group(),
+            by_partition=machine.counts_by_partition(),
+            dirty=machine.dirty_count,
+            flush_outstanding=machine.flush_outstanding,
+            ingest_paused=self._ingest_paused,
+            oldest_pending_added_at=machine.oldest_pending_added_at(),
+            claims=dict(self._claims),
+            conclusions=dict(self._conclusions),
+        )

@@ -1,0 +1,189 @@
+"""The state actor over real pykka threads: asks answered from memory, one flush at a time,
+backpressure told to the consumer."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pykka
+import pytest
+
+from actors.messages import (
+    Claim,
+    ClaimBatch,
+    Conclude,
+    ConcludeBatch,
+    ConcludeOutcome,
+    ConcludeResult,
+    Connect,
+    Drain,
+    Flush,
+    FlushDone,
+    FlushFailed,
+    Ingest,
+    IngestBackpressure,
+    StateStats,
+    Stats,
+    Tick,
+    TickResult,
+)
+from actors.records import ActivationId, KafkaOffset, Record, Status
+from actors.runtime import MailboxConfig
+from actors.state import StateActor, StateConfig
+from actors.statemachine import Limits
+from tests.factories import make_record
+
+TIMEOUT_S = 5.0
+
+
+class Collector:
+    """A recipient that keeps what it is told and lets a test wait for it."""
+
+    def __init__(self) -> None:
+        self.messages: list[object] = []
+        self._changed = threading.Condition()
+
+    def tell(self, message: object) -> None:
+        with self._changed:
+            self.messages.append(message)
+            self._changed.notify_all()
+
+    def wait_for(self, kind: type, count: int = 1) -> list[Any]:
+        deadline = time.monotonic() + TIMEOUT_S
+        with self._changed:
+            while len(found := [m for m in self.messages if isinstance(m, kind)]) < count:
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"no {count} x {kind.__name__} in {self.messages!r}"
+                self._changed.wait(remaining)
+            return found
+
+
+@pytest.fixture
+def actors() -> Iterator[None]:
+    yield
+    pykka.ActorRegistry.stop_all(timeout=TIMEOUT_S)
+
+
+def start_state(limits: Limits | None = None) -> pykka.ActorRef[StateActor]:
+    config = StateConfig(limits=limits or Limits(), flush_interval_ms=10)
+    return StateActor.start(config, MailboxConfig(size=1000))
+
+
+def ask(state: pykka.ActorRef[StateActor], message: object) -> Any:
+    return state.ask(message, block=True, timeout=TIMEOUT_S)
+
+
+def ingest(state: pykka.ActorRef[StateActor], *records: Record) -> None:
+    offsets = tuple(KafkaOffset(r.partition, r.offset) for r in records)
+    state.tell(Ingest(records, offsets))
+
+
+@pytest.mark.usefixtures("actors")
+def test_claim_and_conclude_with_fetch_next() -> None:
+    state = start_state()
+    ingest(state, make_record("a"), make_record("b"))
+    assert ask(state, Claim(application="app")) == b"bytes-of-a"
+    result = ask(
+        state,
+        Conclude(ActivationId("a"), Status.COMPLETE, fetch_next=Claim(application="app")),
+        timeout=TIMEOUT_S,
+    )
+    assert result == ConcludeResult(ConcludeOutcome.APPLIED, b"bytes-of-b")
+    again = ask(state, Conclude(ActivationId("a"), Status.COMPLETE))
+    assert again == ConcludeResult(ConcludeOutcome.UNKNOWN, None)
+
+
+@pytest.mark.usefixtures("actors")
+def test_batches_answer_one_result_per_item() -> None:
+    state = start_state()
+    ingest(state, make_record("a"), make_record("b"))
+    answers = ask(state, ClaimBatch((Claim(), Claim(), Claim())))
+    assert answers == (b"bytes-of-a", b"bytes-of-b", None)
+    results = ask(
+        state,
+        ConcludeBatch(
+            (
+                Conclude(ActivationId("a"), Status.COMPLETE),
+                Conclude(ActivationId("zz"), Status.COMPLETE),
+            )
+        ),
+        timeout=TIMEOUT_S,
+    )
+    assert [r.outcome for r in results] == [ConcludeOutcome.APPLIED, ConcludeOutcome.UNKNOWN]
+    stats: StateStats = ask(state, Stats())
+    assert stats.by_status[Status.PROCESSING] == 1
+    assert stats.claims == {"hit": 2, "miss": 1}
+    assert stats.conclusions == {"applied": 1, "unknown": 1}
+
+
+@pytest.mark.usefixtures("actors")
+def test_one_flush_outstanding_and_claims_answer_meanwhile() -> None:
+    state = start_state()
+    writer = Collector()
+    state.tell(Connect(writer=writer))
+    ingest(state, make_record("a"))
+    (first,) = writer.wait_for(Flush)
+    ingest(state, make_record("b"), make_record("c"))
+    # The writer is "slow": it has not answered. Claims and results still work from memory.
+    assert ask(state, Claim()) == b"bytes-of-a"
+    done = ask(state, Conclude(ActivationId("a"), Status.COMPLETE))
+    assert done.outcome is ConcludeOutcome.APPLIED
+    time.sleep(0.1)  # several flush timer beats
+    assert len(writer.wait_for(Flush)) == 1
+    assert ask(state, Drain()) is False
+    state.tell(FlushDone(first.seq))
+    _, second = writer.wait_for(Flush, 2)
+    assert {r.id for r in second.upserts} == {"b", "c"}
+    assert second.deletes == ("a",)
+
+
+@pytest.mark.usefixtures("actors")
+def test_failed_flush_is_sent_again() -> None:
+    state = start_state()
+    writer = Collector()
+    state.tell(Connect(writer=writer))
+    ingest(state, make_record("a"))
+    (first,) = writer.wait_for(Flush)
+    state.tell(FlushFailed(first.seq, "disk full"))
+    _, second = writer.wait_for(Flush, 2)
+    assert second.seq > first.seq
+    assert [r.id for r in second.upserts] == ["a"]
+    assert second.new_blobs == first.new_blobs
+    state.tell(FlushDone(second.seq))
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ask(state, Drain()):
+        assert time.monotonic() < deadline
+
+
+@pytest.mark.usefixtures("actors")
+def test_backpressure_is_told_when_it_changes() -> None:
+    state = start_state(Limits(max_pending_count=2))
+    consumer = Collector()
+    state.tell(Connect(consumer=consumer))
+    assert consumer.wait_for(IngestBackpressure) == [IngestBackpressure(pause=False)]
+    ingest(state, make_record("a"), make_record("b"))
+    consumer.wait_for(IngestBackpressure, 2)
+    ask(state, Claim())
+    told = consumer.wait_for(IngestBackpressure, 3)
+    assert [m.pause for m in told] == [False, True, False]
+
+
+@pytest.mark.usefixtures("actors")
+def test_tick_answers_what_to_produce() -> None:
+    state = start_state()
+    ingest(state, make_record("a"))
+    ask(state, Claim())
+    ask(state, Conclude(ActivationId("a"), Status.RETRY))
+    result: TickResult = ask(state, Tick(now=time.time()))
+    assert [o.id for o in result.to_produce] == ["a"]
+
+
+@pytest.mark.usefixtures("actors")
+def test_unknown_message_fails_the_asker_not_the_actor() -> None:
+    state = start_state()
+    with pytest.raises(TypeError, match="unknown message"):
+        ask(state, "hello")
+    assert ask(state, Claim()) is None
