@@ -89,7 +89,6 @@ def test_claim_and_conclude_with_fetch_next() -> None:
     result = ask(
         state,
         Conclude(ActivationId("a"), Status.COMPLETE, fetch_next=Claim(application="app")),
-        timeout=TIMEOUT_S,
     )
     assert result == ConcludeResult(ConcludeOutcome.APPLIED, b"bytes-of-b")
     again = ask(state, Conclude(ActivationId("a"), Status.COMPLETE))
@@ -110,7 +109,6 @@ def test_batches_answer_one_result_per_item() -> None:
                 Conclude(ActivationId("zz"), Status.COMPLETE),
             )
         ),
-        timeout=TIMEOUT_S,
     )
     assert [r.outcome for r in results] == [ConcludeOutcome.APPLIED, ConcludeOutcome.UNKNOWN]
     stats: StateStats = ask(state, Stats())
