@@ -29,6 +29,13 @@ DecodeReason = Literal[
 DECODE_REASONS: Final[tuple[DecodeReason, ...]] = get_args(DecodeReason)
 """Every `ActivationDecodeError.reason`: a fixed set, fit for a metric label."""
 
+# The fields without which the broker cannot index or hand out an activation.
+_REQUIRED_FIELDS: Final[tuple[tuple[str, DecodeReason], ...]] = (
+    ("id", "missing id"),
+    ("namespace", "missing namespace"),
+    ("taskname", "missing taskname"),
+)
+
 _NANOS_PER_SECOND: Final = 1_000_000_000
 
 # Field 1 (`task`), wire type 2 (length-delimited): the key byte of GetTaskResponse and
@@ -67,7 +74,7 @@ def decode_record(
         due = received_at + min(activation.delay, max_delay_s)
         if due > now:
             status, delay_until = Status.DELAY, due
-    expires_at = None
+    expires_at: float | None = None
     if activation.HasField("expires") and activation.expires > 0:
         expires_at = received_at + activation.expires
 
@@ -183,13 +190,6 @@ def get_task_response_bytes(activation: bytes | None) -> bytes:
     if activation is None:
         return b""
     return _TASK_FIELD_KEY + _varint(len(activation)) + activation
-
-
-_REQUIRED_FIELDS: Final[tuple[tuple[str, DecodeReason], ...]] = (
-    ("id", "missing id"),
-    ("namespace", "missing namespace"),
-    ("taskname", "missing taskname"),
-)
 
 
 def _parse(value: bytes) -> pb.TaskActivation:

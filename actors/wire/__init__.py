@@ -1,4 +1,4 @@
-"""Generated protobuf and gRPC code for the wire protocol (see /work/shared/WIRE.md).
+"""Generated protobuf and gRPC code for the wire protocol (the contract is WIRE.md).
 
 The sources are the `.proto` files in `proto/`; regenerate with
 `python -m actors.wire.regenerate`. Import the modules by their full path, e.g.
