@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from actors.embedded_kafka import EmbeddedKafka, free_port
+from actors.errors import ConfigError
+from actors.producer import KafkaProducer, OutgoingMessage, ProducerConfig, ProduceReport
+
+if TYPE_CHECKING:
+    from tests.conftest import TopicFactory
+
+_log = logging.getLogger(__name__)
+
+Received = tuple[bytes, list[tuple[str, str | bytes | None]]]
+
+
+def read_back(bootstrap: str, topic: str, partitions: int, count: int) -> list[Received]:
+    """Every message of `topic` from the start, as `(value, headers)`, until `count` arrived."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+            "enable.auto.commit": False,
+        },
+        logger=_log,
+    )
+    received: list[Received] = []
+    deadline = time.monotonic() + 15
+    try:
+        # Assigning partitions directly skips the consumer-group join, which Tansu delays.
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        while len(received) < count and time.monotonic() < deadline:
+            message = consumer.poll(0.2)
+            if message is None:
+                continue
+            assert message.error() is None, message.error()
+            value = message.value()
+            assert value is not None
+            headers = message.headers() or []
+            assert isinstance(headers, list)
+            received.append((value, headers))
+    finally:
+        consumer.close()
+    return received
+
+
+@pytest.fixture
+def producer(kafka: EmbeddedKafka) -> Iterator[KafkaProducer]:
+    producer = KafkaProducer(ProducerConfig(bootstrap_servers=kafka.bootstrap))
+    yield producer
+    producer.close(timeout_s=5)
+
+
+@pytest.fixture
+def unreachable_bootstrap() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+@pytest.mark.kafka
+def test_every_message_is_acknowledged_and_lands_on_its_topic(
+    kafka: EmbeddedKafka, kafka_topics: TopicFactory, producer: KafkaProducer
+) -> None:
+    topic, dlq_topic = kafka_topics(partitions=3)
+    retries = [
+        OutgoingMessage(f"retry-{i}", topic, f"activation {i}".encode(), (("n", str(i).encode()),))
+        for i in range(20)
+    ]
+    dead_letter = OutgoingMessage("dead-1", dlq_topic, b"dead letter")
+
+    report = producer.produce_many([*retries, dead_letter], timeout_s=10)
+
+    assert report.all_acknowledged
+    assert sorted(report.acknowledged) == sorted([m.key_id for m in retries] + ["dead-1"])
+    received = read_back(kafka.bootstrap, topic, partitions=3, count=20)
+    assert sorted(received) == sorted((m.value, list(m.headers)) for m in retries)
+    assert read_back(kafka.bootstrap, dlq_topic, partitions=3, count=1) == [(b"dead letter", [])]
+
+
+@pytest.mark.kafka
+def test_an_empty_batch_reports_nothing(producer: KafkaProducer) -> None:
+    assert producer.produce_many([], timeout_s=1) == ProduceReport(acknowledged=(), failed={})
+
+
+@pytest.mark.kafka
+def test_a_message_kafka_refuses_is_reported_failed_beside_the_acknowledged(
+    kafka_topics: TopicFactory, producer: KafkaProducer
+) -> None:
+    topic, _ = kafka_topics()
+    too_large = OutgoingMessage("too-large", topic, b"x" * 2_000_000)
+
+    report = producer.produce_many([OutgoingMessage("fine", topic, b"ok"), too_large], timeout_s=10)
+
+    assert report.acknowledged == ("fine",)
+    assert report.failed.keys() == {"too-large"}
+    assert "MSG_SIZE_TOO_LARGE" in report.failed["too-large"]
+
+
+def test_a_dead_broker_fails_every_message_at_the_delivery_timeout(
+    unreachable_bootstrap: str,
+) -> None:
+    producer = KafkaProducer(
+        ProducerConfig(bootstrap_servers=unreachable_bootstrap, delivery_timeout_ms=1000)
+    )
+    items = [OutgoingMessage(f"id-{i}", "taskworker", b"v") for i in range(5)]
+
+    started = time.monotonic()
+    report = producer.produce_many(items, timeout_s=5)
+    elapsed_s = time.monotonic() - started
+
+    assert report.acknowledged == ()
+    assert set(report.failed) == {f"id-{i}" for i in range(5)}
+    assert all("MSG_TIMED_OUT" in reason for reason in report.failed.values())
+    assert 0.9 < elapsed_s < 3
+    assert producer.close(timeout_s=1) == 0
+
+
+def test_a_dead_broker_fails_every_message_within_the_call_timeout(
+    unreachable_bootstrap: str,
+) -> None:
+    producer = KafkaProducer(
+        ProducerConfig(bootstrap_servers=unreachable_bootstrap, delivery_timeout_ms=60_000)
+    )
+    items = [OutgoingMessage(f"id-{i}", "taskworker", b"v") for i in range(5)]
+
+    started = time.monotonic()
+    report = producer.produce_many(items, timeout_s=0.5)
+    elapsed_s = time.monotonic() - started
+
+    assert report.acknowledged == ()
+    assert set(report.failed) == {f"id-{i}" for i in range(5)}
+    # Still queued locally, so withdrawn: they cannot land after being reported failed.
+    assert all("PURGE_QUEUE" in reason for reason in report.failed.values())
+    assert elapsed_s < 1.5
+    started = time.monotonic()
+    assert producer.close(timeout_s=0.2) == 0
+    assert time.monotonic() - started < 1
+
+
+def test_key_ids_must_be_unique_within_a_batch(unreachable_bootstrap: str) -> None:
+    producer = KafkaProducer(ProducerConfig(bootstrap_servers=unreachable_bootstrap))
+    twice = OutgoingMessage("same", "taskworker", b"v")
+
+    with pytest.raises(ValueError, match="key_id"):
+        producer.produce_many([twice, twice], timeout_s=1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"bootstrap_servers": ""}, "bootstrap_servers"),
+        ({"bootstrap_servers": "k:9092", "delivery_timeout_ms": 0}, "delivery_timeout_ms"),
+        ({"bootstrap_servers": "k:9092", "linger_ms": -1}, "linger_ms"),
+        (
+            {"bootstrap_servers": "k:9092", "linger_ms": 500, "delivery_timeout_ms": 500},
+            "linger_ms",
+        ),
+    ],
+)
+def test_invalid_settings_name_the_key(settings: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        ProducerConfig(**settings)
+
+
+def test_settings_ask_for_acknowledgement_by_all_replicas() -> None:
+    settings = ProducerConfig(bootstrap_servers="k:9092").client_settings()
+
+    assert settings["acks"] == "all"
+    assert settings["enable.idempotence"] is True
