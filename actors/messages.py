@@ -216,6 +216,25 @@ class Flush:
         return len(self.upserts) + len(self.deletes) + len(self.new_blobs)
 
 
+@dataclass(frozen=True, slots=True)
+class LoadAndRestore:
+    """Load every stored record and tell them to the state as one `Restore` (ask);
+    answered with the number of records restored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Maintain:
+    """Give free pages back and checkpoint the WAL, optionally VACUUM (ask); answered with
+    the store's sizes afterwards."""
+
+    full_vacuum: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSizesQuery:
+    """Ask for the store's file sizes on disk."""
+
+
 # --- To the Kafka consumer -------------------------------------------------------------
 
 
