@@ -165,19 +165,17 @@ def harness() -> Iterator[Harness]:
         yield harness
     finally:
         harness.release.set()
-        pykka.ActorRegistry.stop_all(timeout=WAIT_S)
-        pykka_logger.removeHandler(errors)
+        try:
+            pykka.ActorRegistry.stop_all(timeout=WAIT_S)
+        finally:
+            pykka_logger.removeHandler(errors)
     messages = [record.getMessage() for record in errors.records]
     assert len(messages) == harness.expected_errors, messages
 
 
-def fill(ref: pykka.ActorRef[Recorder], count: int, first: int = 0) -> None:
-    for n in range(first, first + count):
+def fill(ref: pykka.ActorRef[Recorder], count: int) -> None:
+    for n in range(count):
         ref.tell(Work(n))
-
-
-def stats(ref: pykka.ActorRef[Recorder]) -> MailboxStats:
-    return mailbox_stats_of(ref)
 
 
 def wait_until(condition: Callable[[], bool]) -> None:
@@ -188,7 +186,7 @@ def wait_until(condition: Callable[[], bool]) -> None:
 
 
 def wait_until_drained(ref: pykka.ActorRef[Recorder]) -> None:
-    wait_until(lambda: stats(ref).depth == 0)
+    wait_until(lambda: mailbox_stats_of(ref).depth == 0)
 
 
 # --- configuration -----------------------------------------------------------------
@@ -261,7 +259,7 @@ def test_block_waits_for_room_then_delivers(harness: Harness) -> None:
     started = time.monotonic()
     assert ref.ask(Work(1), timeout=WAIT_S) == 1
     assert 0.05 < time.monotonic() - started < WAIT_S
-    assert stats(ref).overflows == 0
+    assert mailbox_stats_of(ref).overflows == 0
     releaser.join(timeout=WAIT_S)
 
 
@@ -273,7 +271,7 @@ def test_block_tell_raises_mailbox_full_after_the_push_timeout(harness: Harness)
     with pytest.raises(MailboxFull, match=r"blocky.*size 2.*policy block"):
         ref.tell(Work(99))
     assert PUSH_TIMEOUT_S * 0.9 <= time.monotonic() - started < PUSH_TIMEOUT_S + 0.5
-    assert stats(ref).overflows == 1
+    assert mailbox_stats_of(ref).overflows == 1
 
 
 def test_block_ask_with_timeout_raises_mailbox_full_within_the_push_timeout(
@@ -302,7 +300,7 @@ def test_fail_refuses_at_once_to_tell_and_ask(harness: Harness) -> None:
     wait_until_drained(ref)
     assert ref.ask(Work(2), timeout=WAIT_S) == 2
     assert ref.proxy().handled.get(timeout=WAIT_S) == [0, 1, 2]
-    assert stats(ref).overflows == 2
+    assert mailbox_stats_of(ref).overflows == 2
 
 
 def test_drop_newest_discards_the_newcomer_and_fails_its_ask(harness: Harness) -> None:
@@ -317,7 +315,7 @@ def test_drop_newest_discards_the_newcomer_and_fails_its_ask(harness: Harness) -
     wait_until_drained(ref)
     assert ref.ask(Work(2), timeout=WAIT_S) == 2
     assert ref.proxy().handled.get(timeout=WAIT_S) == [0, 1, 2]
-    assert stats(ref).overflows == 2
+    assert mailbox_stats_of(ref).overflows == 2
 
 
 def test_drop_oldest_evicts_the_oldest_and_fails_its_ask(harness: Harness) -> None:
@@ -334,7 +332,7 @@ def test_drop_oldest_evicts_the_oldest_and_fails_its_ask(harness: Harness) -> No
     harness.release.set()
     assert last.get(timeout=WAIT_S) == 3
     assert ref.proxy().handled.get(timeout=WAIT_S) == [2, 3]
-    assert stats(ref).overflows == 2
+    assert mailbox_stats_of(ref).overflows == 2
 
 
 def test_drop_oldest_keeps_a_stop_queued_behind_a_full_box(harness: Harness) -> None:
@@ -357,11 +355,11 @@ def test_stop_bypasses_a_full_mailbox(harness: Harness, policy: MailboxPolicy) -
     started = time.monotonic()
     stopped = ref.stop(block=False)
     assert time.monotonic() - started < 0.1
-    assert stats(ref).depth == 3  # the stop went in over the bound
+    assert mailbox_stats_of(ref).depth == 3  # the stop went in over the bound
     harness.release.set()
     assert stopped.get(timeout=WAIT_S) is True
-    assert stats(ref).high_water == 3
-    assert stats(ref).overflows == 0
+    assert mailbox_stats_of(ref).high_water == 3
+    assert mailbox_stats_of(ref).overflows == 0
 
 
 def test_blocking_stop_on_a_full_mailbox_returns_once_the_actor_is_free(
@@ -425,14 +423,14 @@ def test_counters_and_observer_calls(harness: Harness) -> None:
     fill(ref, 3)
     with pytest.raises(MailboxFull):
         ref.tell(Work(3))
-    assert stats(ref) == MailboxStats("counted", 3, MailboxPolicy.BLOCK, 3, 3, 1)
+    assert mailbox_stats_of(ref) == MailboxStats("counted", 3, MailboxPolicy.BLOCK, 3, 3, 1)
     harness.release.set()
     wait_until_drained(ref)
     with pytest.raises(ValueError, match="boom"):
         ref.ask(Boom(), timeout=WAIT_S)  # an ask's exception reaches the asker
     assert ref.ask(Work(4), timeout=WAIT_S) == 4  # and the actor lives on
 
-    assert stats(ref) == MailboxStats("counted", 3, MailboxPolicy.BLOCK, 0, 3, 1)
+    assert mailbox_stats_of(ref) == MailboxStats("counted", 3, MailboxPolicy.BLOCK, 0, 3, 1)
     with observer.lock:
         assert observer.enqueued_depths == [1, 1, 2, 3, 1, 1]
         assert observer.overflows == [MailboxPolicy.BLOCK]
@@ -500,7 +498,7 @@ def test_ticker_skips_beats_on_a_full_mailbox_and_stops_within_the_push_timeout(
     ticker.start()
     time.sleep(PUSH_TIMEOUT_S * 1.5)  # at least one beat refused, the next one waiting
     assert ticker.is_alive()
-    assert stats(ref).overflows >= 1
+    assert mailbox_stats_of(ref).overflows >= 1
     started = time.monotonic()
     ticker.stop()
     assert not ticker.is_alive()
