@@ -124,9 +124,8 @@ class KafkaProducer:
     def __init__(self, config: ProducerConfig) -> None:
         self._config = config
         try:
-            self._producer = Producer(
-                config.client_settings(), logger=_log, error_cb=_log_client_error
-            )
+            # librdkafka's own log, connection errors included, goes to this module's logger.
+            self._producer = Producer(config.client_settings(), logger=_log)
         except KafkaException as exc:
             raise ConfigError(f"the Kafka producer rejected its settings: {exc}") from exc
 
@@ -193,8 +192,3 @@ class KafkaProducer:
 
 def _describe(error: KafkaError) -> str:
     return f"{error.name()}: {error.str()}"
-
-
-def _log_client_error(error: KafkaError) -> None:
-    # Connection trouble shows here long before a message times out.
-    _log.warning("kafka producer: %s", _describe(error))
