@@ -250,3 +250,30 @@ class IngestBackpressure:
     """The state crossed a `max_*_count` limit (pause) or fell back under all (resume)."""
 
     pause: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerStatsQuery:
+    """Ask the consumer for a `ConsumerStats`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerStats:
+    """The consumer's counters since it started, and its partitions now.
+
+    `committed` maps a partition to the offset last committed for it (the next offset
+    to consume, as Kafka counts it); `decode_failures` is keyed by `DecodeReason`.
+    """
+
+    consumed: int
+    ingested: int
+    batches: int
+    decode_failures: dict[str, int]
+    dead_lettered: int
+    dead_letter_failures: int
+    kafka_errors: int
+    commit_failures: int
+    assigned: tuple[Partition, ...]
+    paused: tuple[Partition, ...]
+    committed: dict[Partition, int]
+    backpressure: bool
