@@ -29,3 +29,7 @@ class KafkaUnavailable(RecoverableError):
 
 class ConfigError(BrokerError, ValueError):
     """A configuration key is unknown or its value is invalid; the message names the key."""
+
+
+class ActorUnavailable(RecoverableError):
+    """An actor did not answer an ask in time, or is stopped."""

@@ -277,3 +277,13 @@ class ConsumerStats:
     paused: tuple[Partition, ...]
     committed: dict[Partition, int]
     backpressure: bool
+
+
+# --- To the gRPC front end ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SetServing:
+    """The broker is ready (restored, consuming) or no longer is: flips gRPC health."""
+
+    serving: bool
