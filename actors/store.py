@@ -348,8 +348,10 @@ class SqliteStore:
         whole file and holds the write lock meanwhile, so it is for quiet times only.
         """
         try:
-            # fetchall() steps the pragma to completion: one step frees a single page.
-            self._conn.execute("PRAGMA incremental_vacuum").fetchall()
+            # The pragma frees one page per step and its steps yield zero-column rows,
+            # which execute() takes for "done" after the first; executescript() steps a
+            # statement to its end.
+            self._conn.executescript("PRAGMA incremental_vacuum;")
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             if full_vacuum:
                 self._conn.execute("VACUUM")
