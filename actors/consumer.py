@@ -1,0 +1,681 @@
+"""KafkaConsumer: the actor that reads activations from Kafka and commits durable offsets.
+
+It polls in short slices, each one a `_PollDue` message it tells itself, so `Persisted`,
+`IngestBackpressure`, a stats query and a stop are served between two slices. Decoded
+records go to the state actor in `Ingest` batches (by count, bytes and age). An offset
+is committed only once the writer's `Persisted` says the rows behind it are durable.
+
+A message that does not decode is dead-lettered with headers that say why, and its offset
+travels in the next `Ingest` like any other, so it is committed once the batch around it
+is durable. If Kafka does not acknowledge the dead letter, the consumer does not move past
+that message: it seeks its partition back to it, pauses that partition for
+`dlq_retry_backoff_ms` and then reads it again. Skipping it would lose it; stopping the
+whole consumer would stall the partitions that are fine.
+
+The logic lives in plain classes that take `now` as an argument (`IngestBatch`,
+`CommitTracker`, `PauseState`); the actor is the adapter around the confluent-kafka
+client, and the one place where its errors become `KafkaUnavailable`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol
+
+import pykka
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from actors.activation import ActivationDecodeError, decode_record
+from actors.errors import ConfigError, KafkaUnavailable, MailboxFull
+from actors.messages import (
+    ConsumerStats,
+    ConsumerStatsQuery,
+    Ingest,
+    IngestBackpressure,
+    Persisted,
+    Recipient,
+)
+from actors.producer import OutgoingMessage, ProduceReport
+from actors.records import KafkaOffset, Offset, Partition, Record
+from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver
+
+logger = logging.getLogger(__name__)
+
+DECODE_ERROR_HEADER = "taskbroker-decode-error"
+SOURCE_TOPIC_HEADER = "taskbroker-source-topic"
+SOURCE_PARTITION_HEADER = "taskbroker-source-partition"
+SOURCE_OFFSET_HEADER = "taskbroker-source-offset"
+
+_AUTO_OFFSET_RESETS = ("earliest", "latest", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """When a batch goes to the state: the first limit reached wins (taskbroker's defaults)."""
+
+    max_len: int = 256
+    max_bytes: int = 16_000_000
+    max_time_ms: int = 1_000
+
+    def __post_init__(self) -> None:
+        for key in ("max_len", "max_bytes", "max_time_ms"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"consumer.batch.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerConfig:
+    """How the consumer reaches Kafka, batches, and handles messages it cannot decode.
+
+    `session_timeout_ms` is short by default because a consumer-group join waits for half
+    of it before assigning partitions; the heartbeat is a third of it.
+    """
+
+    bootstrap_servers: str
+    topic: str = "taskworker"
+    group_id: str = "taskworker"
+    dlq_topic: str = "taskworker-dlq"
+    session_timeout_ms: int = 6_000
+    auto_offset_reset: str = "latest"
+    batch: BatchLimits = BatchLimits()
+    poll_slice_ms: int = 50
+    poll_max_messages: int = 1_000
+    dlq_timeout_ms: int = 5_000
+    dlq_retry_backoff_ms: int = 5_000
+    max_delayed_task_allowed_s: int = 3_600
+    client_id: str = "taskbroker-actors"
+
+    def __post_init__(self) -> None:
+        for key in ("bootstrap_servers", "topic", "group_id", "dlq_topic"):
+            if not getattr(self, key):
+                raise ConfigError(f"consumer.{key} must not be empty")
+        if self.topic == self.dlq_topic:
+            raise ConfigError(f"consumer.dlq_topic must differ from consumer.topic {self.topic!r}")
+        for key in (
+            "session_timeout_ms",
+            "poll_slice_ms",
+            "poll_max_messages",
+            "dlq_timeout_ms",
+            "dlq_retry_backoff_ms",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"consumer.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_delayed_task_allowed_s < 0:
+            raise ConfigError(
+                "consumer.max_delayed_task_allowed_s must be >= 0, "
+                f"got {self.max_delayed_task_allowed_s}"
+            )
+        if self.auto_offset_reset not in _AUTO_OFFSET_RESETS:
+            raise ConfigError(
+                f"consumer.auto_offset_reset must be one of {_AUTO_OFFSET_RESETS}, "
+                f"got {self.auto_offset_reset!r}"
+            )
+
+    def client_settings(self) -> dict[str, str | int | bool]:
+        """The librdkafka settings this configuration stands for."""
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "group.id": self.group_id,
+            "client.id": self.client_id,
+            "session.timeout.ms": self.session_timeout_ms,
+            "heartbeat.interval.ms": max(self.session_timeout_ms // 3, 1),
+            "auto.offset.reset": self.auto_offset_reset,
+            # Offsets are committed by hand, and only after Persisted covers them.
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            # Eager assignors: with cooperative-sticky, Tansu gave a second member no
+            # partitions until the first one left the group.
+            "partition.assignment.strategy": "range,roundrobin",
+        }
+
+
+class IngestBatch:
+    """Records and offsets on their way to the state, with the limits that send them.
+
+    Offsets are kept per partition as the highest one seen; a dead-lettered message adds
+    its offset without a record. The batch's age counts from its first entry.
+    """
+
+    def __init__(self, limits: BatchLimits) -> None:
+        self._limits = limits
+        self._records: list[Record] = []
+        self._offsets: dict[Partition, Offset] = {}
+        self._bytes = 0
+        self._started_at: float | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<IngestBatch {len(self._records)} records, {self._bytes} bytes, "
+            f"partitions {sorted(self._offsets)}>"
+        )
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def empty(self) -> bool:
+        return self._started_at is None
+
+    @property
+    def full(self) -> bool:
+        return len(self._records) >= self._limits.max_len or self._bytes >= self._limits.max_bytes
+
+    def due(self, now: float) -> bool:
+        """Whether the batch should go now: full, or its first entry is old enough."""
+        if self._started_at is None:
+            return False
+        return self.full or (now - self._started_at) * 1000 >= self._limits.max_time_ms
+
+    def add_record(self, record: Record, now: float) -> None:
+        self._records.append(record)
+        self._bytes += len(record.activation)
+        self._advance(record.partition, record.offset, now)
+
+    def add_skipped(self, partition: Partition, offset: Offset, now: float) -> None:
+        """A message that is done with (dead-lettered) but must still be committed."""
+        self._advance(partition, offset, now)
+
+    def take(self) -> Ingest:
+        """The `Ingest` for everything added so far; the batch starts over empty."""
+        ingest = Ingest(
+            tuple(self._records),
+            tuple(KafkaOffset(p, o) for p, o in sorted(self._offsets.items())),
+        )
+        self._records = []
+        self._offsets = {}
+        self._bytes = 0
+        self._started_at = None
+        return ingest
+
+    def _advance(self, partition: Partition, offset: Offset, now: float) -> None:
+        if self._started_at is None:
+            self._started_at = now
+        self._offsets[partition] = max(offset, self._offsets.get(partition, offset))
+
+
+class CommitTracker:
+    """Which offsets are durable, and which of those Kafka has not been asked to commit.
+
+    Offsets here are the highest offset covered (as in `KafkaOffset`); Kafka is sent
+    offset + 1, the next one to consume.
+    """
+
+    def __init__(self) -> None:
+        self._durable: dict[Partition, Offset] = {}
+        self._committed: dict[Partition, Offset] = {}
+
+    def __repr__(self) -> str:
+        return f"<CommitTracker durable={self._durable} committed={self._committed}>"
+
+    def persisted(self, offsets: Iterable[KafkaOffset]) -> None:
+        for item in offsets:
+            self._durable[item.partition] = max(
+                item.offset, self._durable.get(item.partition, item.offset)
+            )
+
+    def uncommitted(self, partitions: Iterable[Partition]) -> dict[Partition, Offset]:
+        """The durable offsets among `partitions` that are ahead of their last commit."""
+        found: dict[Partition, Offset] = {}
+        for partition in partitions:
+            durable = self._durable.get(partition)
+            if durable is not None and durable > self._committed.get(partition, -1):
+                found[partition] = durable
+        return found
+
+    def committing(self, offsets: Mapping[Partition, Offset]) -> None:
+        """A commit of `offsets` was sent; they are not offered again unless it fails."""
+        self._committed.update(offsets)
+
+    def commit_failed(self, partition: Partition, offset: Offset) -> None:
+        """Offer `offset` again, unless a later commit of the partition superseded it."""
+        if self._committed.get(partition) == offset:
+            del self._committed[partition]
+
+    def forget(self, partitions: Iterable[Partition]) -> None:
+        """The partitions left this consumer: a later owner's commits are not ours to redo."""
+        for partition in partitions:
+            self._durable.pop(partition, None)
+            self._committed.pop(partition, None)
+
+    def committed(self) -> dict[Partition, int]:
+        """The last offset sent per partition, as Kafka counts it (next to consume)."""
+        return {partition: offset + 1 for partition, offset in self._committed.items()}
+
+
+class PauseState:
+    """Which assigned partitions must not be fetched from, and why.
+
+    All of them while the state asks for backpressure or refuses an `Ingest` (its mailbox
+    is full); one of them while a dead letter of it waits for another try (a hold).
+    """
+
+    def __init__(self) -> None:
+        self.backpressure = False
+        self.ingest_blocked = False
+        self._holds: dict[Partition, tuple[Offset, float]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"<PauseState backpressure={self.backpressure} "
+            f"ingest_blocked={self.ingest_blocked} holds={self._holds}>"
+        )
+
+    def hold(self, partition: Partition, offset: Offset, retry_at: float) -> None:
+        """Read nothing of `partition` from `offset` on until `retry_at`."""
+        self._holds[partition] = (offset, retry_at)
+
+    def held(self, partition: Partition, offset: Offset) -> bool:
+        """Whether a message must be ignored: it is at or past its partition's hold."""
+        hold = self._holds.get(partition)
+        return hold is not None and offset >= hold[0]
+
+    def release_due(self, now: float) -> list[Partition]:
+        due = [p for p, (_, retry_at) in self._holds.items() if retry_at <= now]
+        for partition in due:
+            del self._holds[partition]
+        return due
+
+    def forget(self, partitions: Iterable[Partition]) -> None:
+        for partition in partitions:
+            self._holds.pop(partition, None)
+
+    def paused(self, assigned: Iterable[Partition]) -> set[Partition]:
+        """The partitions among `assigned` that must be paused now."""
+        if self.backpressure or self.ingest_blocked:
+            return set(assigned)
+        return {p for p in assigned if p in self._holds}
+
+
+class DeadLetterSink(Protocol):
+    """Where undecodable messages go: `actors.producer.KafkaProducer` in production."""
+
+    def produce_many(self, items: Sequence[OutgoingMessage], timeout_s: float) -> ProduceReport: ...
+
+    def close(self, timeout_s: float) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _PollDue:
+    """The consumer's note to itself: read the next slice from Kafka."""
+
+
+class KafkaConsumer(BrokerActor):
+    """Consumes `config.topic` into `state`; commits what the writer reports durable.
+
+    Messages: `Persisted` and `IngestBackpressure` (tell), `ConsumerStatsQuery`
+    (ask → `ConsumerStats`). The confluent client is used on the actor's thread only
+    (it is not thread-safe), except for its construction here, which fails fast on a
+    setting librdkafka rejects.
+    """
+
+    def __init__(
+        self,
+        config: ConsumerConfig,
+        state: Recipient,
+        dead_letters: DeadLetterSink,
+        *,
+        mailbox: MailboxConfig,
+        observer: MailboxObserver | None = None,
+        name: str = "kafka-consumer",
+    ) -> None:
+        super().__init__(name, mailbox, observer)
+        self._config = config
+        self._state = state
+        self._dead_letters = dead_letters
+        try:
+            self._consumer = Consumer(
+                {**config.client_settings(), "on_commit": self._on_commit},
+                logger=logger,
+                error_cb=_log_client_error,
+            )
+        except KafkaException as exc:
+            raise ConfigError(f"the Kafka consumer rejected its settings: {exc}") from exc
+        self._batch = IngestBatch(config.batch)
+        self._undelivered: Ingest | None = None
+        self._commits = CommitTracker()
+        self._pauses = PauseState()
+        self._assigned: set[Partition] = set()
+        self._paused: set[Partition] = set()
+        self._poll_scheduled = False
+        self._consumed = 0
+        self._ingested = 0
+        self._batches = 0
+        self._decode_failures: Counter[str] = Counter()
+        self._dead_lettered = 0
+        self._dead_letter_failures = 0
+        self._kafka_errors = 0
+        self._commit_failures = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<KafkaConsumer {self.name} topic={self._config.topic!r} "
+            f"group={self._config.group_id!r} assigned={sorted(self._assigned)}>"
+        )
+
+    def on_start(self) -> None:
+        try:
+            self._consumer.subscribe(
+                [self._config.topic],
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"subscribing to {self._config.topic!r} failed: {exc}") from exc
+        self._schedule_poll()
+
+    def on_stop(self) -> None:
+        # Best effort: what the state takes now is flushed by it; the offsets of anything
+        # left are not committed, so the group's next consumer reads those again.
+        self._send_batch()
+        self._close()
+
+    def on_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        self._commit_durable(self._assigned, asynchronous=False)
+        try:
+            # Leaves the group at once, so its partitions move without a session timeout.
+            self._consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            logger.warning("closing the Kafka consumer failed: %s", exc)
+        self._dead_letters.close(timeout_s=self._config.dlq_timeout_ms / 1000)
+
+    def handle(self, message: object) -> object:
+        try:
+            return self._dispatch(message)
+        finally:
+            self._schedule_poll()
+
+    def _dispatch(self, message: object) -> object:
+        match message:
+            case _PollDue():
+                self._poll_scheduled = False
+                self._poll_slice()
+            case Persisted(offsets):
+                self._commits.persisted(offsets)
+                self._commit_durable(self._assigned, asynchronous=True)
+            case IngestBackpressure(pause):
+                self._pauses.backpressure = pause
+                self._apply_pauses()
+            case ConsumerStatsQuery():
+                return self._stats()
+            case _:
+                raise TypeError(f"Kafka consumer got an unknown message: {message!r}")
+        return None
+
+    def _schedule_poll(self) -> None:
+        """Keep exactly one `_PollDue` in the mailbox while the actor runs."""
+        if self._poll_scheduled:
+            return
+        try:
+            self.actor_ref.tell(_PollDue())
+        except MailboxFull:
+            # The next message handled (the box is full of them) schedules it again.
+            logger.debug("consumer mailbox full; the next poll is scheduled later")
+        except pykka.ActorDeadError:
+            return
+        else:
+            self._poll_scheduled = True
+
+    def _poll_slice(self) -> None:
+        now = time.monotonic()
+        if self._pauses.release_due(now):
+            self._apply_pauses()
+        if self._undelivered is not None:
+            self._deliver(self._undelivered)
+        try:
+            messages = self._consumer.consume(
+                num_messages=self._config.poll_max_messages,
+                timeout=self._config.poll_slice_ms / 1000,
+            )
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"consuming from {self._config.topic!r} failed: {exc}") from exc
+        wall_now = time.time()
+        for message in messages:
+            self._take(message, wall_now)
+        if self._batch.due(time.monotonic()):
+            self._send_batch()
+
+    def _take(self, message: Message, wall_now: float) -> None:
+        error = message.error()
+        if error is not None:
+            self._take_error(message, error)
+            return
+        raw_partition, raw_offset = message.partition(), message.offset()
+        if raw_partition is None or raw_offset is None:
+            raise KafkaUnavailable(
+                f"the Kafka client returned a message without a position: {message}"
+            )
+        partition, offset = Partition(raw_partition), Offset(raw_offset)
+        if self._pauses.held(partition, offset):
+            return  # fetched before the seek back to the held dead letter
+        self._consumed += 1
+        value = message.value() or b""
+        try:
+            record = decode_record(
+                value,
+                partition,
+                offset,
+                wall_now,
+                max_delay_s=self._config.max_delayed_task_allowed_s,
+            )
+        except ActivationDecodeError as exc:
+            self._decode_failed(partition, offset, value, exc.reason)
+            return
+        self._batch.add_record(record, time.monotonic())
+        if self._batch.full:
+            self._send_batch()
+
+    def _take_error(self, message: Message, error: KafkaError) -> None:
+        if error.code() == KafkaError._PARTITION_EOF:
+            return
+        if error.fatal():
+            raise KafkaUnavailable(f"the Kafka consumer hit a fatal error: {_describe(error)}")
+        # librdkafka recovers from the others by itself (reconnects, refetches); a
+        # message-level error carries no value to dead-letter.
+        self._kafka_errors += 1
+        logger.warning(
+            "kafka consumer error at %s/%s/%s: %s",
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            _describe(error),
+        )
+
+    def _decode_failed(
+        self, partition: Partition, offset: Offset, value: bytes, reason: str
+    ) -> None:
+        self._decode_failures[reason] += 1
+        topic = self._config.topic
+        logger.warning(
+            "dead-lettering %s/%d/%d to %s: %s",
+            topic,
+            partition,
+            offset,
+            self._config.dlq_topic,
+            reason,
+        )
+        dead_letter = OutgoingMessage(
+            key_id=f"{topic}/{partition}/{offset}",
+            topic=self._config.dlq_topic,
+            value=value,
+            headers=(
+                (DECODE_ERROR_HEADER, reason.encode()),
+                (SOURCE_TOPIC_HEADER, topic.encode()),
+                (SOURCE_PARTITION_HEADER, str(partition).encode()),
+                (SOURCE_OFFSET_HEADER, str(offset).encode()),
+            ),
+        )
+        report = self._dead_letters.produce_many(
+            [dead_letter], timeout_s=self._config.dlq_timeout_ms / 1000
+        )
+        if report.all_acknowledged:
+            self._dead_lettered += 1
+            self._batch.add_skipped(partition, offset, time.monotonic())
+            return
+        self._dead_letter_failures += 1
+        backoff_s = self._config.dlq_retry_backoff_ms / 1000
+        logger.error(
+            "dead letter of %s/%d/%d not acknowledged (%s); partition %d waits %.1f s "
+            "and reads it again",
+            topic,
+            partition,
+            offset,
+            "; ".join(report.failed.values()),
+            partition,
+            backoff_s,
+        )
+        self._pauses.hold(partition, offset, time.monotonic() + backoff_s)
+        try:
+            self._consumer.seek(TopicPartition(topic, partition, offset))
+        except KafkaException as exc:
+            # Reading on would skip the message; a restarted consumer reads it again.
+            raise KafkaUnavailable(
+                f"cannot seek {topic}/{partition} back to {offset}: {exc}"
+            ) from exc
+        self._apply_pauses()
+
+    def _send_batch(self) -> None:
+        if self._undelivered is not None or self._batch.empty:
+            return
+        self._deliver(self._batch.take())
+
+    def _deliver(self, ingest: Ingest) -> None:
+        try:
+            self._state.tell(ingest)
+        except pykka.ActorDeadError:
+            # Only at shutdown; the offsets are not committed, so nothing is lost.
+            logger.info("state stopped; %d consumed records not handed over", len(ingest.records))
+            self._undelivered = None
+            return
+        except MailboxFull:
+            if self._undelivered is None:
+                logger.warning("state mailbox full; consumption paused until it takes the batch")
+            self._undelivered = ingest
+            self._pauses.ingest_blocked = True
+        else:
+            self._undelivered = None
+            self._pauses.ingest_blocked = False
+            self._batches += 1
+            self._ingested += len(ingest.records)
+        self._apply_pauses()
+
+    def _apply_pauses(self) -> None:
+        wanted = self._pauses.paused(self._assigned)
+        to_pause = wanted - self._paused
+        to_resume = (self._paused - wanted) & self._assigned
+        topic = self._config.topic
+        try:
+            if to_pause:
+                self._consumer.pause([TopicPartition(topic, p) for p in sorted(to_pause)])
+            if to_resume:
+                self._consumer.resume([TopicPartition(topic, p) for p in sorted(to_resume)])
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"pausing or resuming {topic} failed: {exc}") from exc
+        self._paused = wanted
+
+    def _commit_durable(self, partitions: Iterable[Partition], *, asynchronous: bool) -> None:
+        offsets = self._commits.uncommitted(partitions)
+        if not offsets:
+            return
+        topic = self._config.topic
+        self._commits.committing(offsets)
+        commit = [TopicPartition(topic, p, o + 1) for p, o in sorted(offsets.items())]
+        try:
+            if asynchronous:
+                self._consumer.commit(offsets=commit, asynchronous=True)
+            else:
+                self._check_committed(self._consumer.commit(offsets=commit, asynchronous=False))
+        except KafkaException as exc:
+            # Not fatal: the next Persisted, revoke or stop commits again; at worst a
+            # later owner reads these messages again.
+            self._commit_failures += 1
+            for partition, offset in offsets.items():
+                self._commits.commit_failed(partition, offset)
+            logger.warning("committing %s failed: %s", commit, exc)
+
+    def _check_committed(self, results: list[TopicPartition] | None) -> None:
+        for result in results or ():
+            if result.error is not None:
+                self._commit_failed(result)
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if error is not None:
+            logger.warning("offset commit failed: %s", _describe(error))
+        for result in partitions:
+            if error is not None or result.error is not None:
+                self._commit_failed(result)
+
+    def _commit_failed(self, result: TopicPartition) -> None:
+        self._commit_failures += 1
+        self._commits.commit_failed(Partition(result.partition), Offset(result.offset - 1))
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        assigned = {Partition(tp.partition) for tp in partitions}
+        logger.info("assigned %s partitions %s", self._config.topic, sorted(assigned))
+        # Assigned here rather than by the client after this callback returns, so the
+        # new partitions can be paused before a first fetch while backpressure holds.
+        consumer.assign(partitions)
+        self._assigned |= assigned
+        self._apply_pauses()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {Partition(tp.partition) for tp in partitions}
+        logger.info("revoked %s partitions %s", self._config.topic, sorted(revoked))
+        # The state keeps these records and finishes them here; what is durable of
+        # them is committed before the partitions go.
+        self._send_batch()
+        self._commit_durable(revoked & self._assigned, asynchronous=False)
+        self._leave(revoked)
+        consumer.unassign()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        lost = {Partition(tp.partition) for tp in partitions}
+        # Another member may own them already; a commit now could rewind its progress.
+        logger.warning("lost %s partitions %s", self._config.topic, sorted(lost))
+        self._send_batch()
+        self._leave(lost)
+        consumer.unassign()
+
+    def _leave(self, partitions: set[Partition]) -> None:
+        self._commits.forget(partitions)
+        self._pauses.forget(partitions)
+        self._assigned -= partitions
+        self._paused -= partitions
+
+    def _stats(self) -> ConsumerStats:
+        return ConsumerStats(
+            consumed=self._consumed,
+            ingested=self._ingested,
+            batches=self._batches,
+            decode_failures=dict(self._decode_failures),
+            dead_lettered=self._dead_lettered,
+            dead_letter_failures=self._dead_letter_failures,
+            kafka_errors=self._kafka_errors,
+            commit_failures=self._commit_failures,
+            assigned=tuple(sorted(self._assigned)),
+            paused=tuple(sorted(self._paused)),
+            committed=self._commits.committed(),
+            backpressure=self._pauses.backpressure,
+        )
+
+
+def _describe(error: KafkaError) -> str:
+    return f"{error.name()}: {error.str()}"
+
+
+def _log_client_error(error: KafkaError) -> None:
+    # Connection trouble shows here long before a poll fails.
+    logger.warning("kafka consumer: %s", _describe(error))
