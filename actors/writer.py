@@ -133,9 +133,9 @@ class SqliteWriter(BrokerActor):
                 self._failures,
             )
             self._failures = 0
-        self._state.tell(FlushDone(flush.seq))
+        _tell(self._state, FlushDone(flush.seq))
         if flush.offsets and self._persisted_listener is not None:
-            self._persisted_listener.tell(Persisted(flush.offsets))
+            _tell(self._persisted_listener, Persisted(flush.offsets))
 
     def _failed(self, seq: int, error: StoreUnavailable) -> None:
         self._failures += 1
@@ -153,17 +153,11 @@ class SqliteWriter(BrokerActor):
         # backoff delays the answer. A timer delays it without holding this thread:
         # a stop or a sizes query during an outage is served at once, not after the
         # backoff. Only one flush is outstanding, so at most one timer is pending.
-        report = threading.Timer(backoff_s, self._report_failure, (FlushFailed(seq, str(error)),))
+        report = threading.Timer(backoff_s, _tell, (self._state, FlushFailed(seq, str(error))))
         report.name = f"{self.name}-flush-{seq}-failed"
         report.daemon = True
         self._failure_report = report
         report.start()
-
-    def _report_failure(self, failed: FlushFailed) -> None:
-        try:
-            self._state.tell(failed)
-        except pykka.ActorDeadError:
-            logger.debug("flush %d failure not reported: the state actor is stopped", failed.seq)
 
     def _maintain(self, full_vacuum: bool) -> StoreSizes:
         # Best effort: a busy or full store stays usable, and the next Maintain tries again.
@@ -188,3 +182,12 @@ class SqliteWriter(BrokerActor):
         if self._failure_report is not None:
             self._failure_report.cancel()
         self._store.close()
+
+
+def _tell(recipient: Recipient, message: object) -> None:
+    # At shutdown the state or the consumer may stop before the writer's last answer;
+    # the commit stands either way, and the restart restores it.
+    try:
+        recipient.tell(message)
+    except pykka.ActorDeadError:
+        logger.debug("%r not told: %r is stopped", message, recipient)

@@ -262,3 +262,41 @@ def test_an_unknown_message_is_refused_to_the_asker(db_path: Path) -> None:
     with pytest.raises(TypeError, match="unknown message"):
         ask(writer, "compact please")
     assert ask(writer, StoreSizesQuery()).db_bytes > 0
+
+
+@pytest.mark.usefixtures("actors")
+def test_maintenance_on_a_locked_store_is_skipped_not_fatal(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = start_writer(WriterConfig(db_path, busy_timeout_ms=10), Recorder())
+    lock = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+
+        sizes = ask(writer, Maintain(full_vacuum=False))
+    finally:
+        lock.close()
+
+    assert sizes == ask(writer, StoreSizesQuery())
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"SQLite maintenance skipped: maintenance on SQLite store {db_path}: database is locked"
+    ]
+
+
+class _StoppedState(pykka.ThreadingActor):
+    def on_receive(self, message: object) -> None:
+        raise AssertionError(f"a stopped actor got {message!r}")
+
+
+@pytest.mark.usefixtures("actors")
+def test_a_state_actor_stopped_first_does_not_take_the_writer_down(db_path: Path) -> None:
+    state = _StoppedState.start()
+    state.stop(timeout=TIMEOUT_S)
+    writer = SqliteWriter.start(WriterConfig(db_path), state, mailbox=MailboxConfig(size=10))
+    record = make_record("a-1")
+
+    writer.tell(flush_of(1, record))
+
+    assert ask(writer, StoreSizesQuery()).db_bytes > 0
+    writer.stop(timeout=TIMEOUT_S)
+    assert stored(db_path) == [record]
