@@ -6,21 +6,26 @@ O(log n), so entries live in one heap per (application, namespace) group, and ev
 scope keeps a small heap of its groups' heads: a k-way merge whose size follows the number
 of groups, not of records.
 
-Entries are never removed from the middle of a heap. An entry whose record is no longer
-pending (expired, concluded late, gone) is dead; the owner says which entries are alive
-through `is_live`, and dead ones are skipped when they reach the top.
+Entries are never removed from the middle of a heap. An entry holds its record object, and
+a record is pending under at most one entry at a time (it leaves pending either by being
+popped or for good), so an entry whose record is no longer PENDING is dead and is skipped
+when it reaches the top. A re-ingested id is a new record object: old entries stay dead.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+import itertools
 from typing import TypeAlias
 
-from actors.records import ActivationId
+from actors.records import Record, Status
 
-Entry: TypeAlias = tuple[float, int, ActivationId]
-"""(added_at, offset, id): oldest first, the offset breaks ties within one ingest batch."""
+Entry: TypeAlias = tuple[int, Record]
+"""(claim order, record). The order is added_at in microseconds, then a push sequence that
+keeps ingest order among records added in the same microsecond; it is unique, so records
+are never compared, and one int compares faster than a tuple of two."""
+
+_SEQUENCE_BITS = 64  # 2**64 pushes: centuries at any rate this broker reaches
 
 Group: TypeAlias = tuple[str, str]
 """(application, namespace)."""
@@ -43,8 +48,8 @@ def _scopes_of(group: Group) -> tuple[Scope, Scope, Scope]:
 class PendingQueue:
     """Pending activations by group, poppable oldest-first within any filter."""
 
-    def __init__(self, is_live: Callable[[Entry], bool]) -> None:
-        self._is_live = is_live
+    def __init__(self) -> None:
+        self._sequence = itertools.count()
         self._groups: dict[Group, list[Entry]] = {}
         self._heads: dict[Scope, list[_HeadEntry]] = {}
         self._scope_groups: dict[Scope, set[Group]] = {}
@@ -53,7 +58,10 @@ class PendingQueue:
         entries = sum(len(heap) for heap in self._groups.values())
         return f"PendingQueue(groups={len(self._groups)}, entries={entries})"
 
-    def push(self, group: Group, entry: Entry) -> None:
+    def push(self, record: Record) -> None:
+        group = (record.application, record.namespace)
+        order = (int(record.added_at * 1_000_000) << _SEQUENCE_BITS) | next(self._sequence)
+        entry = (order, record)
         heap = self._groups.get(group)
         if heap is None:
             heap = self._groups[group] = []
@@ -100,7 +108,7 @@ class PendingQueue:
         heap = self._groups.get(group)
         if not heap:
             return None
-        while heap and not self._is_live(heap[0]):
+        while heap and heap[0][1].status is not Status.PENDING:
             heapq.heappop(heap)
         return heap[0] if heap else None
 
@@ -116,7 +124,7 @@ class PendingQueue:
             top = self._live_top(group)
             if top is None:
                 heapq.heappop(scope_heads)
-            elif top != head:
+            elif top is not head:
                 heapq.heapreplace(scope_heads, (top, group))
             else:
                 return head, group

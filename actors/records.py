@@ -7,9 +7,9 @@ to the writer is a snapshot (`Record.snapshot()`), never the live object.
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
+from operator import attrgetter
 from typing import NewType
 
 ActivationId = NewType("ActivationId", str)
@@ -73,7 +73,12 @@ class Record:
 
     def snapshot(self) -> Record:
         """A copy that stays as it is now, for a flush to the writer."""
-        return copy.copy(self)
+        # copy.copy goes through __reduce_ex__ and costs ~15 us a record; flushes copy
+        # every dirty record, so all fields are read in one C call and passed in order.
+        return Record(*_all_fields(self))
+
+
+_all_fields = attrgetter(*(f.name for f in fields(Record)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from actors.messages import (
     ProduceOrder,
     TickResult,
 )
-from actors.pending import Entry, PendingQueue
+from actors.pending import PendingQueue
 from actors.records import (
     ActivationId,
     KafkaOffset,
@@ -101,7 +101,7 @@ class StateMachine:
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self._records: dict[ActivationId, Record] = {}
-        self._pending = PendingQueue(self._is_pending_entry)
+        self._pending = PendingQueue()
         self._deadlines: list[tuple[float, ActivationId]] = []
         self._delays: list[tuple[float, ActivationId]] = []
         self._expiries: list[tuple[float, ActivationId]] = []
@@ -167,7 +167,7 @@ class StateMachine:
 
     def oldest_pending_added_at(self) -> float | None:
         entry = self._pending.peek_oldest()
-        return None if entry is None else entry[0]
+        return None if entry is None else entry[1].added_at
 
     # --- transitions ----------------------------------------------------------------------
 
@@ -197,9 +197,11 @@ class StateMachine:
         self, now: float, application: str | None = None, namespace: str | None = None
     ) -> Record | None:
         """Hand out the oldest pending record within the filter; expired ones are dropped."""
-        self._promote_delays(now)
+        delays = self._delays
+        if delays and delays[0][0] <= now:
+            self._promote_delays(now)
         while (entry := self._pending.pop(application, namespace)) is not None:
-            record = self._records[entry[2]]
+            record = entry[1]
             if record.expires_at is not None and record.expires_at <= now:
                 self._finish(record)
                 continue
@@ -331,15 +333,6 @@ class StateMachine:
 
     # --- internals ------------------------------------------------------------------------
 
-    def _is_pending_entry(self, entry: Entry) -> bool:
-        record = self._records.get(entry[2])
-        return (
-            record is not None
-            and record.status is Status.PENDING
-            and record.added_at == entry[0]
-            and record.offset == entry[1]
-        )
-
     def _add(self, record: Record) -> None:
         """Index a record that is new to memory, by the status it arrives with."""
         if record.status is Status.DELAY and record.delay_until is None:
@@ -359,9 +352,7 @@ class StateMachine:
             self._deadletter.add(record.id)
 
     def _enter_pending(self, record: Record) -> None:
-        self._pending.push(
-            (record.application, record.namespace), (record.added_at, record.offset, record.id)
-        )
+        self._pending.push(record)
         if record.expires_at is not None:
             heapq.heappush(self._expiries, (record.expires_at, record.id))
 

@@ -125,9 +125,10 @@ class StateMachineModel(RuleBasedStateMachine):
         if not eligible:
             assert record is None
         else:
-            oldest = min(eligible, key=lambda r: (r.added_at, r.offset))
+            oldest = min(r.added_at for r in eligible)
             assert record is not None
-            assert record.id == oldest.id, "claims come oldest first within their filter"
+            assert record.id in {r.id for r in eligible}, "a claim crossed its filter"
+            assert record.added_at == oldest, "claims come oldest first within their filter"
             assert record.status is Status.PROCESSING
         for gone in before.keys() - self.live_ids():
             expires_at = before[gone]

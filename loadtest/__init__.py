@@ -1,0 +1,2 @@
+"""Benchmarks: `python -m loadtest <name> [--json PATH]`; each prints its numbers and writes one
+JSON object."""

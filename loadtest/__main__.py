@@ -1,0 +1,27 @@
+"""`python -m loadtest <benchmark> [options]`: dispatches to one module's `main(argv)`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "actors": "state machine and state actor throughput, ask round trip",
+    "writer": "SQLite flush throughput and restore time",
+    "ingest": "Kafka to durable state, activations per second",
+    "grpc": "GetTask/SetTaskStatus cycles per second against a bare grpcio ceiling",
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHMARKS:
+        lines = [f"  {name:8} {about}" for name, about in BENCHMARKS.items()]
+        print("usage: python -m loadtest <benchmark> [--json PATH]\n" + "\n".join(lines))
+        return 2
+    module = importlib.import_module(f"loadtest.{argv[0]}")
+    exit_code: int = module.main(argv[1:])
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
