@@ -1,0 +1,465 @@
+"""The Kafka consumer: its plain logic without threads, then the actor against the
+embedded Kafka with the real state actor and, where durability is the point, the real
+SQLite writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pykka
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from actors.activation import encode_activation
+from actors.consumer import (
+    DECODE_ERROR_HEADER,
+    SOURCE_OFFSET_HEADER,
+    BatchLimits,
+    CommitTracker,
+    ConsumerConfig,
+    IngestBatch,
+    KafkaConsumer,
+    PauseState,
+)
+from actors.embedded_kafka import EmbeddedKafka, free_port
+from actors.errors import ConfigError
+from actors.messages import (
+    Claim,
+    Connect,
+    ConsumerStats,
+    ConsumerStatsQuery,
+    Flush,
+    FlushFailed,
+    StateStats,
+    Stats,
+)
+from actors.producer import KafkaProducer, OutgoingMessage, ProducerConfig
+from actors.records import KafkaOffset, Offset, Partition, Status
+from actors.runtime import MailboxConfig
+from actors.state import StateActor, StateConfig
+from actors.statemachine import Limits
+from actors.writer import SqliteWriter, WriterConfig
+from tests.factories import make_record
+
+if TYPE_CHECKING:
+    from tests.conftest import TopicFactory
+
+_log = logging.getLogger(__name__)
+
+TIMEOUT_S = 10.0
+# A group join takes half the session timeout on Tansu before the first fetch.
+JOIN_TIMEOUT_S = 20.0
+
+
+# --- Plain logic, no threads ---------------------------------------------------------
+
+
+def test_batch_is_due_by_count_bytes_or_age() -> None:
+    batch = IngestBatch(BatchLimits(max_len=3, max_bytes=100, max_time_ms=500))
+    assert not batch.due(now=0.0)
+    batch.add_record(make_record("a", partition=Partition(0), offset=Offset(7)), now=10.0)
+    batch.add_record(make_record("b", partition=Partition(0), offset=Offset(8)), now=10.2)
+    assert not batch.due(now=10.4)
+    assert batch.due(now=10.5)  # the age counts from the first entry
+    batch.add_record(make_record("c", partition=Partition(1), offset=Offset(3)), now=10.3)
+    assert batch.full
+
+    ingest = batch.take()
+    assert [r.id for r in ingest.records] == ["a", "b", "c"]
+    assert ingest.offsets == (
+        KafkaOffset(Partition(0), Offset(8)),
+        KafkaOffset(Partition(1), Offset(3)),
+    )
+    assert batch.empty
+    assert not batch.due(now=100.0)
+
+    batch.add_record(make_record("big", activation=b"x" * 100), now=0.0)
+    assert batch.full
+
+
+def test_batch_carries_the_offsets_of_skipped_messages() -> None:
+    batch = IngestBatch(BatchLimits(max_time_ms=1000))
+    batch.add_skipped(Partition(3), Offset(0), now=1.0)
+    assert not batch.empty
+    assert batch.due(now=2.0)  # a batch of skipped messages alone still goes
+    batch.add_record(make_record("a", partition=Partition(2), offset=Offset(4)), now=1.5)
+    batch.add_skipped(Partition(2), Offset(5), now=1.5)
+    ingest = batch.take()
+    assert [r.id for r in ingest.records] == ["a"]
+    assert ingest.offsets == (
+        KafkaOffset(Partition(2), Offset(5)),
+        KafkaOffset(Partition(3), Offset(0)),
+    )
+
+
+def test_commit_tracker_offers_durable_offsets_once_and_again_after_a_failure() -> None:
+    tracker = CommitTracker()
+    p0, p1 = Partition(0), Partition(1)
+    assert tracker.uncommitted([p0, p1]) == {}
+    tracker.persisted([KafkaOffset(p0, Offset(9)), KafkaOffset(p1, Offset(4))])
+    tracker.persisted([KafkaOffset(p0, Offset(7))])  # an older report never moves back
+    assert tracker.uncommitted([p0]) == {p0: 9}  # only the partitions asked about
+
+    tracker.committing({p0: Offset(9), p1: Offset(4)})
+    assert tracker.uncommitted([p0, p1]) == {}
+    assert tracker.committed() == {p0: 10, p1: 5}  # Kafka counts the next offset
+
+    tracker.commit_failed(p1, Offset(4))
+    assert tracker.uncommitted([p0, p1]) == {p1: 4}
+    tracker.persisted([KafkaOffset(p0, Offset(12))])
+    tracker.committing({p0: Offset(12)})
+    tracker.commit_failed(p0, Offset(9))  # superseded by the later commit
+    assert tracker.uncommitted([p0]) == {}
+
+    tracker.forget([p0, p1])
+    assert tracker.uncommitted([p0, p1]) == {}
+    assert tracker.committed() == {}
+
+
+def test_pause_state_pauses_all_under_backpressure_and_one_partition_on_hold() -> None:
+    pauses = PauseState()
+    assigned = [Partition(0), Partition(1), Partition(2)]
+    assert pauses.paused(assigned) == set()
+
+    pauses.hold(Partition(1), Offset(40), retry_at=100.0)
+    assert pauses.paused(assigned) == {1}
+    assert pauses.held(Partition(1), Offset(40))
+    assert pauses.held(Partition(1), Offset(41))
+    assert not pauses.held(Partition(1), Offset(39))
+    assert not pauses.held(Partition(0), Offset(40))
+
+    pauses.backpressure = True
+    assert pauses.paused(assigned) == {0, 1, 2}
+    pauses.backpressure = False
+    pauses.ingest_blocked = True
+    assert pauses.paused(assigned) == {0, 1, 2}
+    pauses.ingest_blocked = False
+
+    assert pauses.release_due(now=99.0) == []
+    assert pauses.release_due(now=100.0) == [1]
+    assert pauses.paused(assigned) == set()
+
+
+@pytest.mark.parametrize(
+    ("fields", "key"),
+    [
+        ({"bootstrap_servers": ""}, "consumer.bootstrap_servers"),
+        ({"dlq_topic": "taskworker"}, "consumer.dlq_topic"),
+        ({"poll_slice_ms": 0}, "consumer.poll_slice_ms"),
+        ({"auto_offset_reset": "newest"}, "consumer.auto_offset_reset"),
+        ({"max_delayed_task_allowed_s": -1}, "consumer.max_delayed_task_allowed_s"),
+    ],
+)
+def test_config_names_the_invalid_key(fields: dict[str, Any], key: str) -> None:
+    values: dict[str, Any] = {"bootstrap_servers": "127.0.0.1:9092", **fields}
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        ConsumerConfig(**values)
+    with pytest.raises(ConfigError, match=r"consumer\.batch\.max_len"):
+        BatchLimits(max_len=0)
+
+
+def test_client_settings_leave_every_commit_to_the_consumer() -> None:
+    settings = ConsumerConfig(bootstrap_servers="127.0.0.1:9092").client_settings()
+    assert settings["enable.auto.commit"] is False
+    assert settings["enable.auto.offset.store"] is False
+    assert settings["session.timeout.ms"] == 6000
+    assert settings["auto.offset.reset"] == "latest"
+    assert "cooperative" not in str(settings["partition.assignment.strategy"])
+
+
+# --- The actor against the embedded Kafka ---------------------------------------------
+
+
+class Collector:
+    """A writer that keeps what it is told and never answers."""
+
+    def __init__(self) -> None:
+        self.messages: list[object] = []
+        self._changed = threading.Condition()
+
+    def tell(self, message: object) -> None:
+        with self._changed:
+            self.messages.append(message)
+            self._changed.notify_all()
+
+    def wait_for(self, kind: type) -> Any:
+        with self._changed:
+            found = self._changed.wait_for(
+                lambda: [m for m in self.messages if isinstance(m, kind)], timeout=TIMEOUT_S
+            )
+        assert found, f"no {kind.__name__} in {self.messages!r}"
+        return found[0]
+
+
+@dataclass
+class Pipeline:
+    """The actors of one test, built as the supervisor would wire them."""
+
+    kafka: EmbeddedKafka
+    topic: str
+    dlq_topic: str
+    group: str
+    tmp_path: Path
+    state: pykka.ActorRef[StateActor] | None = None
+
+    def start_state(self, limits: Limits | None = None) -> pykka.ActorRef[StateActor]:
+        config = StateConfig(limits=limits or Limits(), flush_interval_ms=20)
+        self.state = StateActor.start(config, MailboxConfig(size=1000))
+        return self.state
+
+    def start_consumer(
+        self, dead_letters: KafkaProducer | None = None, **fields: Any
+    ) -> pykka.ActorRef[KafkaConsumer]:
+        assert self.state is not None
+        values: dict[str, Any] = {
+            "bootstrap_servers": self.kafka.bootstrap,
+            "topic": self.topic,
+            "dlq_topic": self.dlq_topic,
+            "group_id": self.group,
+            "auto_offset_reset": "earliest",
+            "batch": BatchLimits(max_len=64, max_time_ms=50),
+            **fields,
+        }
+        if dead_letters is None:
+            dead_letters = KafkaProducer(ProducerConfig(bootstrap_servers=self.kafka.bootstrap))
+        consumer = KafkaConsumer.start(
+            ConsumerConfig(**values), self.state, dead_letters, mailbox=MailboxConfig(size=1000)
+        )
+        self.state.tell(Connect(consumer=consumer))
+        return consumer
+
+    def start_writer(self, consumer: pykka.ActorRef[KafkaConsumer]) -> None:
+        assert self.state is not None
+        writer = SqliteWriter.start(
+            WriterConfig(db_path=self.tmp_path / "broker.sqlite"),
+            self.state,
+            mailbox=MailboxConfig(size=1000),
+            persisted_listener=consumer,
+        )
+        self.state.tell(Connect(writer=writer))
+
+
+@pytest.fixture
+def pipeline(
+    kafka: EmbeddedKafka, kafka_topics: TopicFactory, tmp_path: Path
+) -> Iterator[Callable[[int], Pipeline]]:
+    def create(partitions: int) -> Pipeline:
+        topic, dlq_topic = kafka_topics(partitions)
+        return Pipeline(kafka, topic, dlq_topic, f"group-{uuid.uuid4().hex[:8]}", tmp_path)
+
+    yield create
+    pykka.ActorRegistry.stop_all(timeout=TIMEOUT_S)
+
+
+def produce(kafka: EmbeddedKafka, topic: str, values: list[bytes]) -> None:
+    producer = KafkaProducer(ProducerConfig(bootstrap_servers=kafka.bootstrap))
+    try:
+        messages = [OutgoingMessage(str(i), topic, value) for i, value in enumerate(values)]
+        report = producer.produce_many(messages, timeout_s=TIMEOUT_S)
+    finally:
+        producer.close(timeout_s=TIMEOUT_S)
+    assert report.all_acknowledged, report.failed
+
+
+def activations(count: int, prefix: str) -> tuple[list[str], list[bytes]]:
+    ids = [f"{prefix}-{i}" for i in range(count)]
+    return ids, [encode_activation(activation_id=i, namespace="ns", args=[i]) for i in ids]
+
+
+def ask(actor: pykka.ActorRef[Any], message: object) -> Any:
+    return actor.ask(message, block=True, timeout=TIMEOUT_S)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def pending(state: pykka.ActorRef[StateActor]) -> int:
+    stats: StateStats = ask(state, Stats())
+    return stats.by_status.get(Status.PENDING, 0)
+
+
+def consumer_stats(consumer: pykka.ActorRef[KafkaConsumer]) -> ConsumerStats:
+    stats: ConsumerStats = ask(consumer, ConsumerStatsQuery())
+    return stats
+
+
+def group_offsets(kafka: EmbeddedKafka, group: str, topic: str, partitions: int) -> list[int]:
+    """What the group committed per partition, read by a client outside it (-1001: none)."""
+    reader = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": group}, logger=_log)
+    try:
+        found = reader.committed(
+            [TopicPartition(topic, p) for p in range(partitions)], timeout=TIMEOUT_S
+        )
+    finally:
+        reader.close()
+    return [tp.offset for tp in sorted(found, key=lambda tp: tp.partition)]
+
+
+def end_offsets(kafka: EmbeddedKafka, topic: str, partitions: int, count: int) -> list[int]:
+    """Each partition's last offset + 1, found by reading all `count` messages of `topic`:
+    Tansu's high watermark counts record batches, not records."""
+    ends = [0] * partitions
+    for message in read_topic(kafka, topic, count, partitions):
+        ends[message.partition()] = max(ends[message.partition()], message.offset() + 1)
+    return ends
+
+
+def read_topic(kafka: EmbeddedKafka, topic: str, count: int, partitions: int = 1) -> list[Any]:
+    reader = Consumer(
+        {"bootstrap.servers": kafka.bootstrap, "group.id": f"read-{uuid.uuid4().hex}"},
+        logger=_log,
+    )
+    found: list[Any] = []
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        while len(found) < count and time.monotonic() < deadline:
+            message = reader.poll(0.1)
+            if message is not None and message.error() is None:
+                found.append(message)
+    finally:
+        reader.close()
+    return found
+
+
+@pytest.mark.kafka
+def test_offsets_are_committed_only_after_persistence_and_redelivery_is_deduplicated(
+    pipeline: Callable[[int], Pipeline],
+) -> None:
+    pipe = pipeline(3)
+    ids, values = activations(300, "a")
+    produce(pipe.kafka, pipe.topic, values)
+    state = pipe.start_state()
+    never_answers = Collector()
+    state.tell(Connect(writer=never_answers))
+    first = pipe.start_consumer()
+
+    wait_until(lambda: consumer_stats(first).ingested == 300, JOIN_TIMEOUT_S)
+    assert pending(state) == 300
+    flush: Flush = never_answers.wait_for(Flush)
+    time.sleep(0.3)  # room for a wrong commit to show
+    assert group_offsets(pipe.kafka, pipe.group, pipe.topic, 3) == [-1001] * 3
+
+    # Killed before the flush: the group's next consumer reads everything again and the
+    # state keeps one record per id.
+    first.stop(timeout=TIMEOUT_S)
+    second = pipe.start_consumer()
+    wait_until(lambda: consumer_stats(second).ingested == 300, JOIN_TIMEOUT_S)
+    assert pending(state) == 300
+    assert group_offsets(pipe.kafka, pipe.group, pipe.topic, 3) == [-1001] * 3
+
+    # The real writer makes the batch durable; then, and only then, the offsets go.
+    pipe.start_writer(second)
+    state.tell(FlushFailed(flush.seq, "the collector never wrote it"))
+    ends = end_offsets(pipe.kafka, pipe.topic, 3, 300)
+    assert sum(ends) == 300
+    wait_until(lambda: group_offsets(pipe.kafka, pipe.group, pipe.topic, 3) == ends)
+    assert consumer_stats(second).committed == dict(enumerate(ends))
+
+    claimed = [ask(state, Claim()) for _ in range(301)]
+    assert claimed[-1] is None
+    assert sorted(claimed[:-1]) == sorted(values)
+    assert len(set(ids)) == 300
+
+
+@pytest.mark.kafka
+def test_undecodable_messages_are_dead_lettered_and_do_not_block_the_rest(
+    pipeline: Callable[[int], Pipeline],
+) -> None:
+    pipe = pipeline(1)
+    garbage = os.urandom(64) + b"\xff\xff\xff"
+    no_namespace = encode_activation(activation_id="nameless", namespace="")
+    good_ids, good = activations(3, "g")
+    produce(pipe.kafka, pipe.topic, [good[0], garbage, no_namespace, good[1], good[2]])
+    state = pipe.start_state()
+    consumer = pipe.start_consumer()
+    pipe.start_writer(consumer)
+
+    wait_until(lambda: consumer_stats(consumer).ingested == 3, JOIN_TIMEOUT_S)
+    assert pending(state) == 3
+    stats = consumer_stats(consumer)
+    assert stats.consumed == 5
+    assert stats.dead_lettered == 2
+    assert stats.decode_failures == {"not a TaskActivation": 1, "missing namespace": 1}
+
+    dead = read_topic(pipe.kafka, pipe.dlq_topic, 2)
+    assert [m.value() for m in dead] == [garbage, no_namespace]
+    headers = [dict(m.headers()) for m in dead]
+    assert [h[DECODE_ERROR_HEADER] for h in headers] == [
+        b"not a TaskActivation",
+        b"missing namespace",
+    ]
+    assert [h[SOURCE_OFFSET_HEADER] for h in headers] == [b"1", b"2"]
+    # Dead letters are committed with the batch around them.
+    wait_until(lambda: group_offsets(pipe.kafka, pipe.group, pipe.topic, 1) == [5])
+    assert sorted(ask(state, Claim()) for _ in range(3)) == sorted(good)
+    assert len(good_ids) == 3
+
+
+@pytest.mark.kafka
+def test_a_dead_letter_kafka_did_not_take_holds_its_partition(
+    pipeline: Callable[[int], Pipeline],
+) -> None:
+    pipe = pipeline(1)
+    _, good = activations(2, "h")
+    produce(pipe.kafka, pipe.topic, [good[0], b"\xff not an activation", good[1]])
+    state = pipe.start_state()
+    nowhere = KafkaProducer(
+        ProducerConfig(bootstrap_servers=f"127.0.0.1:{free_port()}", delivery_timeout_ms=200)
+    )
+    consumer = pipe.start_consumer(
+        dead_letters=nowhere, dlq_timeout_ms=200, dlq_retry_backoff_ms=300
+    )
+    pipe.start_writer(consumer)
+
+    wait_until(lambda: consumer_stats(consumer).dead_letter_failures >= 3, JOIN_TIMEOUT_S)
+    stats = consumer_stats(consumer)
+    assert stats.ingested == 1  # the message behind the dead letter waits with it
+    assert pending(state) == 1
+    # Only the offset before the dead letter is ever committed.
+    assert group_offsets(pipe.kafka, pipe.group, pipe.topic, 1) == [1]
+
+
+@pytest.mark.kafka
+def test_consumption_pauses_at_the_pending_limit_and_resumes_after_claims(
+    pipeline: Callable[[int], Pipeline],
+) -> None:
+    pipe = pipeline(1)
+    _, values = activations(60, "p")
+    produce(pipe.kafka, pipe.topic, values)
+    state = pipe.start_state(Limits(max_pending_count=10))
+    consumer = pipe.start_consumer(
+        batch=BatchLimits(max_len=5, max_time_ms=20), poll_max_messages=5
+    )
+    pipe.start_writer(consumer)
+
+    wait_until(lambda: consumer_stats(consumer).paused == (0,), JOIN_TIMEOUT_S)
+    time.sleep(0.5)  # a consumer that ignored the pause would read on meanwhile
+    held_back = pending(state)
+    assert 10 <= held_back < 30
+    assert consumer_stats(consumer).backpressure
+
+    claimed = 0
+    deadline = time.monotonic() + TIMEOUT_S
+    while claimed < 60:
+        assert time.monotonic() < deadline, f"only {claimed} of 60 claimed"
+        if ask(state, Claim()) is None:
+            time.sleep(0.02)
+        else:
+            claimed += 1
+    wait_until(lambda: consumer_stats(consumer).paused == ())
+    assert consumer_stats(consumer).ingested == 60
