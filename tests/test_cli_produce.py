@@ -1,0 +1,127 @@
+"""`taskbroker produce` against the embedded Kafka: what it writes is what the broker reads."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import msgpack
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from actors.activation import decode_record
+from actors.cli import main
+from actors.embedded_kafka import EmbeddedKafka, free_port
+from actors.records import OnAttemptsExceeded, Status
+from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
+
+if TYPE_CHECKING:
+    from tests.conftest import TopicFactory
+
+_log = logging.getLogger(__name__)
+
+TIMEOUT_S = 10.0
+
+
+def read_values(kafka: EmbeddedKafka, topic: str, partitions: int, count: int) -> list[bytes]:
+    reader = Consumer(
+        {"bootstrap.servers": kafka.bootstrap, "group.id": f"read-{uuid.uuid4().hex}"},
+        logger=_log,
+    )
+    values: list[bytes] = []
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        while len(values) < count and time.monotonic() < deadline:
+            message = reader.poll(0.1)
+            if message is not None and message.error() is None:
+                value = message.value()
+                assert value is not None
+                values.append(value)
+        # Anything past `count` would be a duplicate or a stray message.
+        extra = reader.poll(0.3)
+        assert extra is None or extra.error() is not None, "more messages than produced"
+    finally:
+        reader.close()
+    return values
+
+
+@pytest.mark.kafka
+def test_produce_writes_readable_activations(
+    kafka: EmbeddedKafka, kafka_topics: TopicFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    topic, _ = kafka_topics(partitions=2)
+    exit_code = main(
+        [
+            "produce",
+            "--count", "40",
+            "--namespace", "demo",
+            "--taskname", "demo.add",
+            "--application", "myapp",
+            "--delay", "30",
+            "--expires", "600",
+            "--at-most-once",
+            "--max-attempts", "4",
+            "--deadletter",
+            "--processing-deadline", "20",
+            "--param-bytes", "300",
+            "--kafka", kafka.bootstrap,
+            "--topic", topic,
+        ]
+    )  # fmt: skip
+    assert exit_code == 0
+    assert "40 of 40 activations acknowledged" in capsys.readouterr().out
+
+    values = read_values(kafka, topic, partitions=2, count=40)
+    assert len(values) == 40
+    now = time.time()
+    records = [decode_record(v, 0, n, now, max_delay_s=3600) for n, v in enumerate(values)]
+    assert len({r.id for r in records}) == 40
+    record = records[0]
+    assert (record.application, record.namespace, record.taskname) == ("myapp", "demo", "demo.add")
+    assert record.status is Status.DELAY
+    assert record.delay_until is not None
+    assert record.delay_until - record.received_at == pytest.approx(30)
+    assert record.expires_at is not None
+    assert record.expires_at - record.received_at == pytest.approx(600)
+    assert record.at_most_once
+    assert record.max_attempts == 4
+    assert record.on_attempts_exceeded is OnAttemptsExceeded.DEADLETTER
+    assert record.processing_deadline_duration_s == 20
+    parameters = msgpack.unpackb(pb.TaskActivation.FromString(values[0]).parameters_bytes)
+    assert parameters["args"] == []
+    assert len(parameters["kwargs"]["padding"]) == 300
+
+
+@pytest.mark.kafka
+def test_produce_defaults_make_a_plain_pending_activation(
+    kafka: EmbeddedKafka, kafka_topics: TopicFactory
+) -> None:
+    topic, _ = kafka_topics(partitions=1)
+    argv = ["produce", "--count", "3", "--namespace", "n", "--taskname", "t"]
+    assert main([*argv, "--kafka", kafka.bootstrap, "--topic", topic]) == 0
+    values = read_values(kafka, topic, partitions=1, count=3)
+    record = decode_record(values[0], 0, 0, time.time(), max_delay_s=3600)
+    assert record.status is Status.PENDING
+    assert (record.expires_at, record.at_most_once, record.max_attempts) == (None, False, 1)
+    assert record.on_attempts_exceeded is OnAttemptsExceeded.DISCARD
+
+
+def test_produce_fails_when_kafka_does_not_acknowledge(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    argv = ["produce", "--count", "5", "--namespace", "n", "--taskname", "t"]
+    assert main([*argv, "--kafka", nowhere, "--timeout", "0.5"]) == 1
+    captured = capsys.readouterr()
+    assert "0 of 5 activations acknowledged" in captured.out
+    assert "5 not acknowledged" in captured.err
+
+
+def test_produce_rejects_invalid_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["produce", "--count", "0", "--namespace", "n", "--taskname", "t"])
+    assert exited.value.code == 2
+    assert "--count: must be at least 1" in capsys.readouterr().err
