@@ -1,0 +1,321 @@
+"""The broker's configuration: one typed object, read from defaults, then a TOML file, then
+`TASKBROKER_*` environment variables, then command-line flags, each overriding the last.
+
+Key names and defaults follow taskbroker where they mean the same thing. Every key is
+validated at startup; an unknown key or a bad value is a `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.errors import ConfigError
+from actors.runtime import MailboxConfig, MailboxPolicy
+
+ENV_PREFIX = "TASKBROKER_"
+ENV_NESTING = "__"
+SECRET_KEYS = frozenset({"grpc_shared_secret"})
+
+
+class StoreMode(enum.StrEnum):
+    MEMORY = "memory"
+    """State in memory, SQLite written in batches by one actor (the design)."""
+    SQLITE_DIRECT = "sqlite-direct"
+    """Every claim and result written to SQLite on the request path (for comparison)."""
+
+
+class OffsetReset(enum.StrEnum):
+    EARLIEST = "earliest"
+    LATEST = "latest"
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxSettings:
+    size: int = 10_000
+    policy: MailboxPolicy = MailboxPolicy.BLOCK
+    push_timeout_ms: int = 1000
+
+    def __post_init__(self) -> None:
+        _at_least("size", self.size, 1)
+        _at_least("push_timeout_ms", self.push_timeout_ms, 0)
+
+    def to_runtime(self) -> MailboxConfig:
+        return MailboxConfig(self.size, self.policy, self.push_timeout_ms / 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Mailboxes:
+    """One mailbox per actor. The state actor's is the one gRPC load meets first."""
+
+    state: MailboxSettings = field(default_factory=lambda: MailboxSettings(size=10_000))
+    writer: MailboxSettings = field(default_factory=lambda: MailboxSettings(size=16))
+    consumer: MailboxSettings = field(default_factory=lambda: MailboxSettings(size=1_000))
+    upkeep: MailboxSettings = field(default_factory=lambda: MailboxSettings(size=100))
+    frontend: MailboxSettings = field(default_factory=lambda: MailboxSettings(size=100))
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    debug_commit_delay_ms: int = 0
+    """Fault injection: a sleep before every commit, to show the broker does not wait on it."""
+    busy_timeout_ms: int = 5000
+    full_vacuum_interval_sec: int = 0
+    """0 disables the periodic full VACUUM; incremental vacuum runs every maintenance pass."""
+    maintenance_interval_sec: int = 60
+
+    def __post_init__(self) -> None:
+        for name in ("debug_commit_delay_ms", "busy_timeout_ms", "full_vacuum_interval_sec"):
+            _at_least(name, getattr(self, name), 0)
+        _at_least("maintenance_interval_sec", self.maintenance_interval_sec, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of one broker process."""
+
+    grpc_addr: str = "0.0.0.0"
+    grpc_port: int = 50051
+    grpc_max_message_bytes: int = 16 * 1024 * 1024
+    grpc_max_workers: int = 64
+    grpc_state_ask_timeout_ms: int = 5000
+    grpc_shutdown_grace_ms: int = 5000
+    grpc_shared_secret: tuple[str, ...] = ()
+    metrics_addr: str = "0.0.0.0"
+    metrics_port: int = 9090
+    """0 disables the metrics and health HTTP endpoint."""
+
+    kafka_cluster: str = ""
+    """Bootstrap servers; empty starts the embedded Kafka (development only)."""
+    embedded_kafka_port: int = 9092
+    embedded_kafka_partitions: int = 1
+    kafka_topic: str = "taskworker"
+    kafka_retry_topic: str = ""
+    """Empty: retries go back to `kafka_topic`."""
+    kafka_deadletter_topic: str = "taskworker-dlq"
+    kafka_consumer_group: str = "taskworker"
+    kafka_session_timeout_ms: int = 6000
+    kafka_auto_offset_reset: OffsetReset = OffsetReset.LATEST
+    kafka_produce_timeout_ms: int = 10_000
+
+    db_path: str = "./taskbroker-inflight.sqlite"
+    store_mode: StoreMode = StoreMode.MEMORY
+    store: StoreSettings = field(default_factory=StoreSettings)
+
+    max_pending_count: int = 2048
+    max_processing_count: int = 2048
+    max_delay_count: int = 8192
+    max_processing_attempts: int = 5
+    processing_deadline_grace_sec: int = 3
+    max_delayed_task_allowed_sec: int = 3600
+
+    upkeep_task_interval_ms: int = 1000
+    upkeep_unhealthy_interval_ms: int = 5000
+    upkeep_deadline_reset_skip_after_startup_sec: int = 60
+
+    db_insert_batch_max_len: int = 256
+    db_insert_batch_max_size: int = 16_000_000
+    db_insert_batch_max_time_ms: int = 1000
+
+    flush_interval_ms: int = 50
+    flush_max_dirty: int = 10_000
+    shutdown_timeout_ms: int = 20_000
+    log_level: str = "INFO"
+    mailbox: Mailboxes = field(default_factory=Mailboxes)
+
+    def __post_init__(self) -> None:
+        for port in ("grpc_port", "metrics_port", "embedded_kafka_port"):
+            value = getattr(self, port)
+            if not 0 <= value <= 65535:
+                raise ConfigError(f"{port}: {value} is not a TCP port (0-65535)")
+        positive = (
+            "grpc_max_message_bytes grpc_max_workers grpc_state_ask_timeout_ms "
+            "embedded_kafka_partitions kafka_session_timeout_ms kafka_produce_timeout_ms "
+            "max_pending_count max_processing_count max_delay_count max_processing_attempts "
+            "upkeep_task_interval_ms upkeep_unhealthy_interval_ms db_insert_batch_max_len "
+            "db_insert_batch_max_size db_insert_batch_max_time_ms flush_interval_ms "
+            "flush_max_dirty shutdown_timeout_ms"
+        )
+        for name in positive.split():
+            _at_least(name, getattr(self, name), 1)
+        for name in (
+            "grpc_shutdown_grace_ms",
+            "processing_deadline_grace_sec",
+            "max_delayed_task_allowed_sec",
+            "upkeep_deadline_reset_skip_after_startup_sec",
+        ):
+            _at_least(name, getattr(self, name), 0)
+        for name in ("kafka_topic", "kafka_deadletter_topic", "kafka_consumer_group", "db_path"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name}: must not be empty")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ConfigError(f"log_level: {self.log_level!r} is not a logging level")
+
+    @property
+    def retry_topic(self) -> str:
+        return self.kafka_retry_topic or self.kafka_topic
+
+
+def _at_least(name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}, got {value}")
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults < TOML file < environment < `overrides` (flags), as one validated Config.
+
+    `overrides` uses dotted keys for nesting: {"store.debug_commit_delay_ms": 200}.
+    """
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if path is not None:
+        try:
+            layers.append((str(path), tomllib.loads(path.read_text())))
+        except OSError as error:
+            raise ConfigError(f"config file {path}: {error.strerror or error}") from error
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {path}: not valid TOML: {error}") from error
+    if env is not None:
+        layers.append(("environment", _from_env(env)))
+    if overrides:
+        layers.append(("command line", _from_dotted(overrides)))
+    merged: dict[str, Any] = {}
+    for source, layer in layers:
+        _merge(merged, layer, source)
+    config: Config = _build(Config, merged, prefix="")
+    return config
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    dotted = {
+        key[len(ENV_PREFIX) :].lower().replace(ENV_NESTING, "."): value
+        for key, value in env.items()
+        if key.startswith(ENV_PREFIX)
+    }
+    return _from_dotted(dotted)
+
+
+def _from_dotted(values: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        target = nested
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return nested
+
+
+def _merge(into: dict[str, Any], layer: Mapping[str, Any], source: str) -> None:
+    for key, value in layer.items():
+        if isinstance(value, Mapping):
+            existing = into.setdefault(key, {})
+            if not isinstance(existing, dict):
+                raise ConfigError(f"{key}: {source} gives a table where a value was expected")
+            _merge(existing, value, source)
+        else:
+            into[key] = value
+
+
+def _build(cls: type[Any], values: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown configuration key")
+    arguments: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        kind = hints[name]
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key}: expected a table of settings")
+            base = dataclasses.asdict(getattr(defaults, name))
+            _merge(base, value, "defaults")
+            arguments[name] = _build(kind, base, prefix=f"{key}.")
+        else:
+            arguments[name] = _coerce(key, kind, value)
+    try:
+        return cls(**arguments)
+    except ConfigError as error:
+        # Validation names the field; the prefix makes it the full dotted key.
+        raise ConfigError(f"{prefix}{error}") from None
+    except ValueError as error:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from error
+
+
+def _coerce(key: str, kind: Any, value: Any) -> Any:
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        try:
+            return kind(value)
+        except ValueError:
+            choices = ", ".join(str(m.value) for m in kind)
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}") from None
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: {value!r} is not an integer") from None
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: {value!r} is not a string")
+        return value
+    if typing.get_origin(kind) is tuple:
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings")
+        return tuple(value)
+    raise ConfigError(f"{key}: unsupported setting type {kind!r}")  # pragma: no cover
+
+
+# --- showing ----------------------------------------------------------------------------------
+
+
+def to_toml(config: Config) -> str:
+    """The effective configuration as TOML, secrets masked, for `taskbroker config`."""
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    _emit(config, "", lines, tables)
+    while tables:
+        name, value = tables.pop(0)
+        lines.append(f"\n[{name}]")
+        _emit(value, f"{name}.", lines, tables)
+    return "\n".join(lines) + "\n"
+
+
+def _emit(obj: Any, prefix: str, lines: list[str], tables: list[tuple[str, Any]]) -> None:
+    for item in dataclasses.fields(obj):
+        value = getattr(obj, item.name)
+        if dataclasses.is_dataclass(value):
+            tables.append((f"{prefix}{item.name}", value))
+            continue
+        if item.name in SECRET_KEYS and value:
+            value = tuple("****" for _ in value)
+        lines.append(f"{item.name} = {_toml_value(value)}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        return f'"{value.value}"'
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
