@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pykka
 from pykka.messages import _ActorStop
 
-from actors.errors import MailboxFull
+from actors.errors import ActorUnavailable, MailboxFull
 
 if TYPE_CHECKING:
     from pykka._envelope import Envelope
@@ -298,6 +298,23 @@ class BoundedMailbox:
         if envelope.reply_to is None:
             raise error
         envelope.reply_to.set_exception(exc_info=(pykka.ActorDeadError, error, None))
+
+
+def ask(ref: pykka.ActorRef[Any], message: object, timeout_s: float) -> Any:
+    """Ask with a timeout, translating pykka's failures into the broker's errors.
+
+    `MailboxFull` passes through as it is: raised by the ask itself under policy `fail`,
+    or by the future when the message was dropped.
+    """
+    try:
+        return ref.ask(message, block=False).get(timeout=timeout_s)
+    except pykka.Timeout:
+        raise ActorUnavailable(
+            f"{ref.actor_class.__name__} did not answer {type(message).__name__} "
+            f"within {timeout_s * 1000:.0f} ms"
+        ) from None
+    except pykka.ActorDeadError:
+        raise ActorUnavailable(f"{ref.actor_class.__name__} is stopped") from None
 
 
 def mailbox_stats_of(ref: pykka.ActorRef[Any]) -> MailboxStats:
