@@ -203,9 +203,10 @@ class SqliteStore:
             raise StoreError(
                 f"SQLite store {self._path} cannot use WAL mode (got {journal_mode!r})"
             )
-        # In WAL mode NORMAL loses no committed transaction when the process dies; only
-        # a power loss can roll back the last commits, which the durability contract
-        # already tolerates (Kafka offsets are committed after, and replayed).
+        # In WAL mode NORMAL fsyncs only at checkpoints: a killed process loses no
+        # committed transaction, but a power loss or kernel crash can roll back the last
+        # commits, whose offsets may already be committed to Kafka. That is the price
+        # of a commit that does not wait for the disk; FULL would close the gap.
         self._conn.execute("PRAGMA synchronous = NORMAL")
         for step_version in range(version + 1, SCHEMA_VERSION + 1):
             self._migrate(step_version)
@@ -251,7 +252,8 @@ class SqliteStore:
         """Commit one batch in one transaction: deletes, then upserts, then new bytes.
 
         Raises StoreUnavailable (nothing of the batch is stored) when the write failed
-        for now, StoreError when the file is damaged.
+        for now; StoreError when no retry can help: the file is damaged, or the batch
+        breaks the schema.
         """
         try:
             self._conn.execute("BEGIN IMMEDIATE")
