@@ -212,6 +212,15 @@ def test_a_locked_store_fails_the_batch_until_the_lock_is_released(db_path: Path
         store.close()
 
 
+def test_a_batch_that_breaks_the_schema_is_not_worth_a_retry(store: SqliteStore) -> None:
+    good = make_record("good")
+    broken = make_record("broken", application=None)  # NOT NULL in the schema
+
+    with pytest.raises(StoreError, match="NOT NULL"):
+        store.apply(new_records_flush(1, [good, broken]))
+    assert store.load() == []
+
+
 def test_a_restart_restores_exactly_the_committed_state(db_path: Path) -> None:
     store = SqliteStore(db_path)
     records = [make_record(f"a-{i}", added_at=float(i)) for i in range(50)]
