@@ -89,6 +89,11 @@ class Coalescer(Generic[ItemT, ResultT]):
         state = "running" if self._thread.is_alive() else "idle"
         return f"<Coalescer {self._name} max_batch={self._max_batch} {state}>"
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the next batch (approximate while threads submit)."""
+        return self._queue.qsize()
+
     def start(self) -> None:
         self._thread.start()
 

@@ -1,0 +1,633 @@
+"""The gRPC front end over a real loopback server, real grpc clients and a real state actor:
+every row of WIRE.md "Semantics" with its status code, health, signing, limits."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import grpc
+import pykka
+import pytest
+
+from actors.activation import decode_record, encode_activation
+from actors.auth import SIGNATURE_METADATA_KEY, sign
+from actors.coalescer import Coalescer
+from actors.errors import ActorUnavailable, ConfigError, MailboxFull
+from actors.frontend import SERVICE_NAME, FrontendConfig, GrpcFrontend
+from actors.messages import (
+    Connect,
+    Ingest,
+    ProduceKind,
+    SetServing,
+    Stats,
+    Tick,
+    TickResult,
+)
+from actors.records import KafkaOffset, OnAttemptsExceeded, Record, Status
+from actors.runtime import MailboxConfig, MailboxPolicy, mailbox_stats_of
+from actors.state import StateActor, StateConfig
+from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
+from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
+from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2_grpc as pb_grpc
+
+TIMEOUT_S = 5.0
+GET_TASK_PATH = f"/{SERVICE_NAME}/GetTask"
+SET_TASK_STATUS_PATH = f"/{SERVICE_NAME}/SetTaskStatus"
+SET_BATCH_PATH = f"/{SERVICE_NAME}/SetBatchActivationStatus"
+
+_offsets = itertools.count()
+
+
+def activation_record(activation_id: str, **fields: Any) -> Record:
+    """A record whose bytes are a real serialized TaskActivation, decoded as ingest does."""
+    fields.setdefault("application", "app")
+    fields.setdefault("namespace", "ns")
+    value = encode_activation(activation_id=activation_id, **fields)
+    return decode_record(value, 0, next(_offsets), time.time(), max_delay_s=3600)
+
+
+@dataclass
+class Broker:
+    state: pykka.ActorRef[StateActor]
+    frontend: pykka.ActorRef[GrpcFrontend]
+    channel: grpc.Channel
+
+    @property
+    def stub(self) -> pb_grpc.ConsumerServiceStub:
+        return pb_grpc.ConsumerServiceStub(self.channel)
+
+    @property
+    def health(self) -> health_pb2_grpc.HealthStub:
+        return health_pb2_grpc.HealthStub(self.channel)
+
+    def ingest(self, *records: Record) -> None:
+        offsets = tuple(KafkaOffset(r.partition, r.offset) for r in records)
+        self.state.tell(Ingest(records, offsets))
+
+    def ask_state(self, message: object) -> Any:
+        return self.state.ask(message, block=True, timeout=TIMEOUT_S)
+
+
+StartBroker = Callable[..., Broker]
+
+
+@pytest.fixture
+def start_broker() -> Iterator[StartBroker]:
+    channels: list[grpc.Channel] = []
+
+    def start(
+        *,
+        coalesce: bool = True,
+        shared_secrets: tuple[str, ...] = (),
+        state_ask_timeout_ms: int = 2000,
+        state_mailbox: MailboxConfig | None = None,
+        state_config: StateConfig | None = None,
+    ) -> Broker:
+        state = StateActor.start(
+            state_config or StateConfig(), state_mailbox or MailboxConfig(size=1000)
+        )
+        config = FrontendConfig(
+            host="127.0.0.1",
+            port=0,
+            max_workers=8,
+            shared_secrets=shared_secrets,
+            state_ask_timeout_ms=state_ask_timeout_ms,
+            coalesce=coalesce,
+            stop_grace_s=1.0,
+        )
+        frontend = GrpcFrontend.start(config, state)
+        port = frontend.proxy().port.get(timeout=TIMEOUT_S)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        channels.append(channel)
+        return Broker(state, frontend, channel)
+
+    yield start
+    for channel in channels:
+        channel.close()
+    pykka.ActorRegistry.stop_all(timeout=TIMEOUT_S)
+
+
+@pytest.fixture(params=[True, False], ids=["coalescing", "direct"])
+def broker(request: pytest.FixtureRequest, start_broker: StartBroker) -> Broker:
+    """Both state clients must give the same answers: every semantic test runs on each."""
+    coalesce: bool = request.param
+    return start_broker(coalesce=coalesce)
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def status_request(activation_id: str, status: int, **fields: Any) -> pb.SetTaskStatusRequest:
+    # Any int, like a worker from a newer protocol would send.
+    wire_status = cast(pb.TaskActivationStatus, status)
+    return pb.SetTaskStatusRequest(id=activation_id, status=wire_status, **fields)
+
+
+COMPLETE = pb.TASK_ACTIVATION_STATUS_COMPLETE
+RETRY = pb.TASK_ACTIVATION_STATUS_RETRY
+FAILURE = pb.TASK_ACTIVATION_STATUS_FAILURE
+
+
+# --- GetTask -----------------------------------------------------------------------------------
+
+
+def test_get_task_with_nothing_pending_is_not_found(broker: Broker) -> None:
+    error = rpc_error(lambda: broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S))
+    assert error.code() is grpc.StatusCode.NOT_FOUND
+    assert error.details() == "No pending activations"
+
+
+def test_get_task_hands_out_the_stored_bytes_oldest_first(broker: Broker) -> None:
+    first, second = activation_record("a"), activation_record("b")
+    broker.ingest(first, second)
+    response = broker.stub.GetTask(pb.GetTaskRequest(application="app"), timeout=TIMEOUT_S)
+    assert response.task.id == "a"
+    assert response.task.SerializeToString(deterministic=True) == first.activation
+    assert broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S).task.id == "b"
+    error = rpc_error(lambda: broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S))
+    assert error.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_namespace_filter_applies_within_the_application(broker: Broker) -> None:
+    broker.ingest(
+        activation_record("sentry-ingest", application="sentry", namespace="ingest"),
+        activation_record("other-ingest", application="other", namespace="ingest"),
+        activation_record("sentry-issues", application="sentry", namespace="issues"),
+    )
+    stub = broker.stub
+    by_app = stub.GetTask(pb.GetTaskRequest(application="other"), timeout=TIMEOUT_S)
+    assert by_app.task.id == "other-ingest"
+    filtered = stub.GetTask(
+        pb.GetTaskRequest(application="sentry", namespace="issues"), timeout=TIMEOUT_S
+    )
+    assert filtered.task.id == "sentry-issues"
+    error = rpc_error(
+        lambda: stub.GetTask(
+            pb.GetTaskRequest(application="other", namespace="issues"), timeout=TIMEOUT_S
+        )
+    )
+    assert error.code() is grpc.StatusCode.NOT_FOUND
+
+
+# --- SetTaskStatus -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        pb.TASK_ACTIVATION_STATUS_UNSPECIFIED,
+        pb.TASK_ACTIVATION_STATUS_PENDING,
+        pb.TASK_ACTIVATION_STATUS_PROCESSING,
+        99,  # not in the enum at all
+    ],
+)
+def test_set_task_status_refuses_statuses_other_than_results(broker: Broker, status: int) -> None:
+    broker.ingest(activation_record("a"))
+    broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S)
+    error = rpc_error(
+        lambda: broker.stub.SetTaskStatus(status_request("a", status), timeout=TIMEOUT_S)
+    )
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "status must be COMPLETE, RETRY or FAILURE" in (error.details() or "")
+    assert broker.ask_state(Tick(time.time())).to_produce == ()
+
+
+def test_set_task_status_refuses_an_empty_id(broker: Broker) -> None:
+    error = rpc_error(
+        lambda: broker.stub.SetTaskStatus(status_request("", COMPLETE), timeout=TIMEOUT_S)
+    )
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "id is required"
+
+
+def test_set_task_status_for_an_unknown_id_is_ok(broker: Broker) -> None:
+    response = broker.stub.SetTaskStatus(status_request("nope", COMPLETE), timeout=TIMEOUT_S)
+    assert not response.HasField("task")
+
+
+def test_complete_with_fetch_next_returns_the_next_task_then_none(broker: Broker) -> None:
+    broker.ingest(activation_record("a"), activation_record("b"))
+    stub = broker.stub
+    assert stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S).task.id == "a"
+    fetch = pb.FetchNextTask(application="app")
+    response = stub.SetTaskStatus(
+        status_request("a", COMPLETE, fetch_next_task=fetch), timeout=TIMEOUT_S
+    )
+    assert response.task.id == "b"
+    last = stub.SetTaskStatus(
+        status_request("b", COMPLETE, fetch_next_task=fetch), timeout=TIMEOUT_S
+    )
+    assert not last.HasField("task")
+    stats = broker.ask_state(Stats())
+    assert stats.conclusions == {"applied": 2}
+
+
+def test_fetch_next_honours_its_filter(broker: Broker) -> None:
+    broker.ingest(
+        activation_record("a"),
+        activation_record("other", application="other"),
+        activation_record("b"),
+    )
+    broker.stub.GetTask(pb.GetTaskRequest(application="app"), timeout=TIMEOUT_S)
+    response = broker.stub.SetTaskStatus(
+        status_request("a", COMPLETE, fetch_next_task=pb.FetchNextTask(application="other")),
+        timeout=TIMEOUT_S,
+    )
+    assert response.task.id == "other"
+
+
+def test_retry_carries_the_requests_max_attempts_and_delay(broker: Broker) -> None:
+    broker.ingest(activation_record("a", max_attempts=1, delay_on_retry_s=5))
+    broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S)
+    broker.stub.SetTaskStatus(
+        status_request("a", RETRY, max_attempts=4, delay_on_retry=30), timeout=TIMEOUT_S
+    )
+    ticked: TickResult = broker.ask_state(Tick(time.time()))
+    (order,) = ticked.to_produce
+    assert (order.id, order.kind) == ("a", ProduceKind.RETRY)
+    assert (order.max_attempts, order.delay_on_retry_s) == (4, 30)
+
+
+def test_retry_without_overrides_keeps_the_stored_retry_state(broker: Broker) -> None:
+    broker.ingest(activation_record("a", max_attempts=3, delay_on_retry_s=5))
+    broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S)
+    broker.stub.SetTaskStatus(status_request("a", RETRY), timeout=TIMEOUT_S)
+    (order,) = broker.ask_state(Tick(time.time())).to_produce
+    assert (order.kind, order.max_attempts, order.delay_on_retry_s) == (ProduceKind.RETRY, 3, 5)
+
+
+def test_failure_dead_letters_or_discards_per_the_activation(broker: Broker) -> None:
+    broker.ingest(
+        activation_record("dlq", on_attempts_exceeded=OnAttemptsExceeded.DEADLETTER),
+        activation_record("drop", on_attempts_exceeded=OnAttemptsExceeded.DISCARD),
+    )
+    for _ in range(2):
+        task = broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S).task
+        broker.stub.SetTaskStatus(status_request(task.id, FAILURE), timeout=TIMEOUT_S)
+    (order,) = broker.ask_state(Tick(time.time())).to_produce
+    assert (order.id, order.kind) == ("dlq", ProduceKind.DEADLETTER)
+    assert order.activation == activation_bytes_of(broker, "dlq", order.activation)
+
+
+def activation_bytes_of(broker: Broker, activation_id: str, value: bytes) -> bytes:
+    """The dead letter is the original activation, byte for byte."""
+    parsed = pb.TaskActivation.FromString(value)
+    assert parsed.id == activation_id
+    return parsed.SerializeToString(deterministic=True)
+
+
+# --- SetBatchActivationStatus --------------------------------------------------------------
+
+
+def test_batch_status_applies_every_update(broker: Broker) -> None:
+    broker.ingest(activation_record("a"), activation_record("b"), activation_record("c"))
+    for _ in range(3):
+        broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S)
+    response = broker.stub.SetBatchActivationStatus(
+        pb.SetBatchActivationStatusRequest(
+            updates=[
+                status_request("a", COMPLETE),
+                status_request("b", COMPLETE, fetch_next_task=pb.FetchNextTask()),
+                status_request("unknown", COMPLETE),
+            ]
+        ),
+        timeout=TIMEOUT_S,
+    )
+    assert response == pb.SetBatchActivationStatusResponse()
+    stats = broker.ask_state(Stats())
+    assert stats.by_status.get(Status.PROCESSING) == 1  # only "c" is still out
+    assert stats.conclusions == {"applied": 2, "unknown": 1}
+
+
+def test_batch_status_with_one_invalid_update_applies_none(broker: Broker) -> None:
+    broker.ingest(activation_record("a"))
+    broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S)
+    error = rpc_error(
+        lambda: broker.stub.SetBatchActivationStatus(
+            pb.SetBatchActivationStatusRequest(
+                updates=[
+                    status_request("a", COMPLETE),
+                    status_request("a", pb.TASK_ACTIVATION_STATUS_PENDING),
+                ]
+            ),
+            timeout=TIMEOUT_S,
+        )
+    )
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.details() or "").startswith("updates[1]: status must be")
+    stats = broker.ask_state(Stats())
+    assert stats.by_status.get(Status.PROCESSING) == 1
+
+
+# --- Malformed requests ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "message_name"),
+    [
+        (GET_TASK_PATH, "GetTaskRequest"),
+        (SET_TASK_STATUS_PATH, "SetTaskStatusRequest"),
+        (SET_BATCH_PATH, "SetBatchActivationStatusRequest"),
+    ],
+)
+def test_malformed_bytes_are_invalid_argument_without_a_trace(
+    broker: Broker, caplog: pytest.LogCaptureFixture, path: str, message_name: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    raw = broker.channel.unary_unary(path)
+    error = rpc_error(lambda: raw(b"\xff\xff\xff\xff", timeout=TIMEOUT_S))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == f"the request is not a {message_name}"
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
+
+
+# --- Health ------------------------------------------------------------------------------------
+
+
+def check(broker: Broker, service: str) -> int:
+    request = health_pb2.HealthCheckRequest(service=service)
+    response = broker.health.Check(request, timeout=TIMEOUT_S)
+    return int(response.status)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_health_is_not_serving_until_the_broker_says_so(start_broker: StartBroker) -> None:
+    broker = start_broker()
+    assert check(broker, "") == NOT_SERVING
+    assert check(broker, SERVICE_NAME) == NOT_SERVING
+    broker.frontend.tell(SetServing(serving=True))
+    wait_until(lambda: check(broker, "") == SERVING)
+    assert check(broker, SERVICE_NAME) == SERVING
+    broker.frontend.tell(SetServing(serving=False))
+    wait_until(lambda: check(broker, SERVICE_NAME) == NOT_SERVING)
+
+
+def test_health_of_an_unknown_service_is_not_found(start_broker: StartBroker) -> None:
+    broker = start_broker()
+    error = rpc_error(lambda: check(broker, "no.such.Service"))
+    assert error.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_health_watch_streams_changes_and_ends_when_the_server_stops(
+    start_broker: StartBroker,
+) -> None:
+    broker = start_broker()
+    stream = broker.health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S)
+    statuses = iter(stream)
+    assert next(statuses).status == NOT_SERVING
+    broker.frontend.tell(SetServing(serving=True))
+    assert next(statuses).status == SERVING
+    broker.frontend.tell(SetServing(serving=False))
+    assert next(statuses).status == NOT_SERVING
+    broker.frontend.tell(SetServing(serving=True))
+    assert next(statuses).status == SERVING
+    broker.frontend.stop(timeout=TIMEOUT_S)
+    assert next(statuses).status == NOT_SERVING
+    with pytest.raises(StopIteration):
+        next(statuses)
+
+
+# --- Signing ---------------------------------------------------------------------------------
+
+
+def signed(secret: str, path: str, request: Any) -> list[tuple[str, str]]:
+    return [(SIGNATURE_METADATA_KEY, sign(secret, path, request.SerializeToString()))]
+
+
+def test_signing_accepts_old_and_new_secrets_and_refuses_others(
+    start_broker: StartBroker,
+) -> None:
+    broker = start_broker(shared_secrets=("new-secret", "old-secret"))
+    broker.ingest(activation_record("a"), activation_record("b"))
+    stub = broker.stub
+    get = pb.GetTaskRequest(application="app")
+    for secret in ("new-secret", "old-secret"):
+        response = stub.GetTask(get, metadata=signed(secret, GET_TASK_PATH, get), timeout=TIMEOUT_S)
+        done = status_request(response.task.id, COMPLETE)
+        stub.SetTaskStatus(
+            done, metadata=signed(secret, SET_TASK_STATUS_PATH, done), timeout=TIMEOUT_S
+        )
+
+    refusals = {
+        "a third secret": signed("other-secret", GET_TASK_PATH, get),
+        "a signature for another method": signed("new-secret", SET_TASK_STATUS_PATH, get),
+        "no signature": [],
+        "garbage": [(SIGNATURE_METADATA_KEY, "not-a-hex-digest")],
+    }
+    for metadata in refusals.values():
+        error = rpc_error(lambda m=metadata: stub.GetTask(get, metadata=m, timeout=TIMEOUT_S))  # type: ignore[misc]
+        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert check(broker, "") == NOT_SERVING  # health is exempt from signing
+
+
+def test_signing_covers_the_bytes_as_sent(start_broker: StartBroker) -> None:
+    broker = start_broker(shared_secrets=("secret",))
+    broker.ingest(activation_record("a"))
+    raw = broker.channel.unary_unary(GET_TASK_PATH)
+    # Field 2 (application) then field 1 (namespace): valid, but not how protobuf orders them.
+    body = b"\x12\x03app\x0a\x02ns"
+    response = raw(body, metadata=[(SIGNATURE_METADATA_KEY, sign("secret", GET_TASK_PATH, body))])
+    assert pb.GetTaskResponse.FromString(response).task.id == "a"
+
+
+def test_malformed_bytes_with_signing_on_are_refused_before_parsing(
+    start_broker: StartBroker,
+) -> None:
+    broker = start_broker(shared_secrets=("secret",))
+    raw = broker.channel.unary_unary(GET_TASK_PATH)
+    error = rpc_error(lambda: raw(b"\xff\xff", timeout=TIMEOUT_S))
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+# --- Limits ------------------------------------------------------------------------------------
+
+
+class BlockingWriter:
+    """A writer whose `tell` blocks until released: the state actor is stuck in it."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def tell(self, message: object) -> None:
+        self.entered.set()
+        self.release.wait(TIMEOUT_S * 4)
+
+
+@pytest.fixture
+def stuck_writer() -> Iterator[BlockingWriter]:
+    writer = BlockingWriter()
+    yield writer
+    writer.release.set()  # before the actors are stopped, so the state actor can stop
+
+
+def stick(broker: Broker, writer: BlockingWriter) -> None:
+    """Leave the state actor stuck on its next flush (its timer sends one within 50 ms)."""
+    record = activation_record("a")
+    for message in (Connect(writer=writer), Ingest((record,), ())):
+        deliver(broker.state, message)
+    assert writer.entered.wait(TIMEOUT_S)
+
+
+def deliver(actor: pykka.ActorRef[Any], message: object) -> None:
+    """Tell, waiting out a mailbox of one that the flush timer has just filled."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        try:
+            actor.tell(message)
+        except MailboxFull:
+            assert time.monotonic() < deadline, f"{actor} never had room for {message!r}"
+            time.sleep(0.001)
+        else:
+            return
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalescing", "direct"])
+def test_a_state_actor_that_cannot_answer_gives_unavailable(
+    start_broker: StartBroker, stuck_writer: BlockingWriter, coalesce: bool
+) -> None:
+    broker = start_broker(coalesce=coalesce, state_ask_timeout_ms=200)
+    stick(broker, stuck_writer)
+    started = time.monotonic()
+    error = rpc_error(lambda: broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S))
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - started < 2.0
+    stuck_writer.release.set()
+    wait_until(lambda: answers_again(broker))
+
+
+def answers_again(broker: Broker) -> bool:
+    """The timed-out claim was applied late, so "nothing pending" is the answer once free."""
+    try:
+        broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S)
+    except grpc.RpcError as error:
+        return error.code() is grpc.StatusCode.NOT_FOUND
+    return True
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalescing", "direct"])
+def test_a_full_fail_mailbox_gives_resource_exhausted(
+    start_broker: StartBroker, stuck_writer: BlockingWriter, coalesce: bool
+) -> None:
+    broker = start_broker(
+        coalesce=coalesce, state_mailbox=MailboxConfig(size=1, policy=MailboxPolicy.FAIL)
+    )
+    stick(broker, stuck_writer)
+    # The state actor's flush timer fills the one place in its mailbox.
+    wait_until(lambda: mailbox_stats_of(broker.state).depth >= 1)
+    error = rpc_error(lambda: broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S))
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "mailbox of state is full" in (error.details() or "")
+
+
+def test_a_port_in_use_is_a_clear_error(start_broker: StartBroker) -> None:
+    broker = start_broker()
+    port = broker.frontend.proxy().port.get(timeout=TIMEOUT_S)
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{port}"):
+        GrpcFrontend(FrontendConfig(host="127.0.0.1", port=port), broker.state)
+
+
+def test_config_names_the_bad_key() -> None:
+    with pytest.raises(ConfigError, match="state_ask_timeout_ms"):
+        FrontendConfig(state_ask_timeout_ms=0)
+    with pytest.raises(ConfigError, match="port"):
+        FrontendConfig(port=70000)
+
+
+def test_requests_over_the_size_limit_are_refused(start_broker: StartBroker) -> None:
+    broker = start_broker()
+    raw = broker.channel.unary_unary(GET_TASK_PATH)
+    error = rpc_error(lambda: raw(b"\x12" + b"\x80\x80\x80\x08" + b"x" * (16 << 20)))
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# --- Coalescing --------------------------------------------------------------------------------
+
+
+def test_concurrent_calls_reach_the_state_actor_in_batches() -> None:
+    """While one batch is out, the next gathers: a lone item first, then all who waited."""
+    sent: list[tuple[int, ...]] = []
+    first_out, release = threading.Event(), threading.Event()
+
+    def send(items: tuple[int, ...], timeout_s: float) -> list[int]:
+        sent.append(items)
+        first_out.set()
+        release.wait(TIMEOUT_S)
+        return [item * 10 for item in items]
+
+    coalescer: Coalescer[int, int] = Coalescer("test", send, max_batch=100)
+    coalescer.start()
+    results: dict[int, int] = {}
+
+    def submit(item: int) -> None:
+        results[item] = coalescer.submit(item, TIMEOUT_S)
+
+    try:
+        threads = [threading.Thread(target=submit, args=(0,))]
+        threads[0].start()
+        assert first_out.wait(TIMEOUT_S)
+        threads += [threading.Thread(target=submit, args=(i,)) for i in range(1, 6)]
+        for thread in threads[1:]:
+            thread.start()
+        wait_until(lambda: coalescer_queued(coalescer) == 5)
+        release.set()
+        for thread in threads:
+            thread.join(TIMEOUT_S)
+    finally:
+        coalescer.stop(TIMEOUT_S)
+    assert sent[0] == (0,)
+    assert sorted(sent[1]) == [1, 2, 3, 4, 5]
+    assert results == {i: i * 10 for i in range(6)}
+
+
+def coalescer_queued(coalescer: Coalescer[int, int]) -> int:
+    return coalescer._queue.qsize()
+
+
+def test_a_batch_error_reaches_every_caller_and_a_stopped_coalescer_refuses() -> None:
+    def send(items: tuple[int, ...], timeout_s: float) -> list[int]:
+        raise ActorUnavailable("state is gone")
+
+    coalescer: Coalescer[int, int] = Coalescer("test", send, max_batch=10)
+    coalescer.start()
+    with pytest.raises(ActorUnavailable, match="state is gone"):
+        coalescer.submit(1, TIMEOUT_S)
+    coalescer.stop(TIMEOUT_S)
+    with pytest.raises(ActorUnavailable, match="stopping"):
+        coalescer.submit(2, TIMEOUT_S)
+
+
+def test_a_caller_that_waited_too_long_gets_unavailable() -> None:
+    release = threading.Event()
+
+    def send(items: tuple[int, ...], timeout_s: float) -> list[int]:
+        release.wait(TIMEOUT_S)
+        return list(items)
+
+    coalescer: Coalescer[int, int] = Coalescer("test", send, max_batch=10)
+    coalescer.start()
+    try:
+        with pytest.raises(ActorUnavailable, match="no answer within 50 ms"):
+            coalescer.submit(1, 0.05)
+    finally:
+        release.set()
+        coalescer.stop(TIMEOUT_S)
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
