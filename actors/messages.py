@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Protocol
 
 from actors.records import ActivationId, KafkaOffset, Partition, Record, Status
+from actors.runtime import Essential
 
 
 class Recipient(Protocol):
@@ -133,26 +134,26 @@ class TickResult:
 
 
 @dataclass(frozen=True, slots=True)
-class Produced:
+class Produced(Essential):
     """Kafka acknowledged these retries and dead letters: their records are finished."""
 
     ids: tuple[ActivationId, ...]
 
 
 @dataclass(frozen=True, slots=True)
-class Restore:
+class Restore(Essential):
     """Every record the writer loaded at startup; the state machine starts from these."""
 
     records: tuple[Record, ...]
 
 
 @dataclass(frozen=True, slots=True)
-class FlushDone:
+class FlushDone(Essential):
     seq: int
 
 
 @dataclass(frozen=True, slots=True)
-class FlushFailed:
+class FlushFailed(Essential):
     seq: int
     error: str
 
@@ -163,7 +164,7 @@ class FlushDue:
 
 
 @dataclass(frozen=True, slots=True)
-class Connect:
+class Connect(Essential):
     """The supervisor introduces the state actor to peers started after it."""
 
     writer: Recipient | None = None
@@ -239,14 +240,14 @@ class StoreSizesQuery:
 
 
 @dataclass(frozen=True, slots=True)
-class Persisted:
+class Persisted(Essential):
     """These offsets are durable in SQLite: they may be committed to Kafka."""
 
     offsets: tuple[KafkaOffset, ...]
 
 
 @dataclass(frozen=True, slots=True)
-class IngestBackpressure:
+class IngestBackpressure(Essential):
     """The state crossed a `max_*_count` limit (pause) or fell back under all (resume)."""
 
     pause: bool

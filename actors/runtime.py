@@ -34,6 +34,17 @@ logger = logging.getLogger(__name__)
 _TICKER_JOIN_MARGIN_S = 1.0
 
 
+class Essential:
+    """A message that bypasses every mailbox bound, as stop messages do.
+
+    For messages whose loss would break an invariant (a lost `FlushDone` leaves the state's
+    one outstanding flush open forever; a lost resume leaves ingest paused) and whose
+    senders bound their own rate. Load-driven messages never are.
+    """
+
+    __slots__ = ()
+
+
 class MailboxPolicy(StrEnum):
     """What a full mailbox does with one more message."""
 
@@ -254,7 +265,7 @@ class BoundedMailbox:
         """Decide the envelope's fate; called with the lock held (BLOCK waits on it)."""
         if self._closed:
             return _Admission.CLOSED
-        if isinstance(envelope.message, _ActorStop) or self._has_room():
+        if isinstance(envelope.message, _ActorStop | Essential) or self._has_room():
             return _Admission.APPENDED
         if self._config.policy is MailboxPolicy.BLOCK:
             self._not_full.wait_for(
@@ -277,7 +288,7 @@ class BoundedMailbox:
 
     def _evict_oldest(self) -> Envelope[Any] | None:
         for index, queued in enumerate(self._queue):
-            if not isinstance(queued.envelope.message, _ActorStop):
+            if not isinstance(queued.envelope.message, _ActorStop | Essential):
                 del self._queue[index]
                 return queued.envelope
         return None

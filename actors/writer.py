@@ -133,9 +133,11 @@ class SqliteWriter(BrokerActor):
                 self._failures,
             )
             self._failures = 0
-        _tell(self._state, FlushDone(flush.seq))
+        # The consumer hears first: once the state has its FlushDone, a shutdown may stop the
+        # consumer, and by then the Persisted must already be in the consumer's mailbox.
         if flush.offsets and self._persisted_listener is not None:
             _tell(self._persisted_listener, Persisted(flush.offsets))
+        _tell(self._state, FlushDone(flush.seq))
 
     def _failed(self, seq: int, error: StoreUnavailable) -> None:
         self._failures += 1

@@ -22,6 +22,7 @@ from actors.errors import MailboxFull
 from actors.runtime import (
     BoundedMailbox,
     BrokerActor,
+    Essential,
     MailboxConfig,
     MailboxPolicy,
     MailboxStats,
@@ -45,6 +46,11 @@ class Hold:
 @dataclass(frozen=True, slots=True)
 class Work:
     n: int
+
+
+@dataclass(frozen=True, slots=True)
+class EssentialWork(Work, Essential):
+    """Work that no mailbox bound may refuse or drop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +307,24 @@ def test_fail_refuses_at_once_to_tell_and_ask(harness: Harness) -> None:
     assert ref.ask(Work(2), timeout=WAIT_S) == 2
     assert ref.proxy().handled.get(timeout=WAIT_S) == [0, 1, 2]
     assert mailbox_stats_of(ref).overflows == 2
+
+
+@pytest.mark.parametrize("policy", [MailboxPolicy.FAIL, MailboxPolicy.DROP_NEWEST])
+def test_essential_messages_bypass_a_full_mailbox(harness: Harness, policy: MailboxPolicy) -> None:
+    ref = harness.start(MailboxConfig(size=2, policy=policy))
+    harness.hold(ref)
+    fill(ref, 2)
+    ref.tell(EssentialWork(50))
+    evicting = harness.start(MailboxConfig(size=1, policy=MailboxPolicy.DROP_OLDEST), name="ev")
+    harness.hold(evicting)
+    evicting.tell(EssentialWork(60))
+    evicting.tell(Work(61))  # nothing evictable: the newcomer is dropped instead
+    harness.release.set()
+    wait_until_drained(ref)
+    wait_until_drained(evicting)
+    assert ref.proxy().handled.get(timeout=WAIT_S) == [0, 1, 50]
+    assert evicting.proxy().handled.get(timeout=WAIT_S) == [60]
+    assert mailbox_stats_of(ref).overflows == 0
 
 
 def test_drop_newest_discards_the_newcomer_and_fails_its_ask(harness: Harness) -> None:

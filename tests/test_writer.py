@@ -139,7 +139,7 @@ def test_a_bad_file_fails_the_start_in_the_callers_thread(db_path: Path) -> None
 
 
 @pytest.mark.usefixtures("actors")
-def test_a_committed_flush_is_told_to_the_state_then_to_the_consumer(db_path: Path) -> None:
+def test_a_committed_flush_is_told_to_the_consumer_then_to_the_state(db_path: Path) -> None:
     state, consumer = Recorder(), Recorder()
     writer = start_writer(WriterConfig(db_path), state, consumer)
     records = [make_record("a-1", partition=Partition(3), offset=Offset(41))]
@@ -149,7 +149,7 @@ def test_a_committed_flush_is_told_to_the_state_then_to_the_consumer(db_path: Pa
 
     assert state.wait_for(2) == [FlushDone(1), FlushDone(2)]
     assert consumer.wait_for(1) == [Persisted((KafkaOffset(Partition(3), Offset(41)),))]
-    assert state.received_at[0] <= consumer.received_at[0]
+    assert consumer.received_at[0] <= state.received_at[0]
     writer.stop(timeout=TIMEOUT_S)
     assert consumer.messages == [Persisted((KafkaOffset(Partition(3), Offset(41)),))]
     assert stored(db_path) == []
