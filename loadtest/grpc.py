@@ -263,49 +263,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the numbers to this file")
     parser.add_argument("--processes", type=int, default=4, help="client processes")
     parser.add_argument("--threads", type=int, default=4, help="worker threads per process")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per server")
-    parser.add_argument("--tasks", type=int, default=60_000, help="tasks preloaded per broker")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured time per server")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of all three servers; medians reported"
+    )
+    parser.add_argument("--tasks", type=int, default=40_000, help="tasks preloaded per broker")
     parser.add_argument("--max-workers", type=int, default=FrontendConfig().max_workers)
     args = parser.parse_args(argv)
 
     print(
-        f"{args.processes} client processes x {args.threads} threads, "
+        f"{args.processes} client processes x {args.threads} threads, {args.rounds} rounds of "
         f"{args.seconds:.0f} s per server, {args.max_workers} server threads",
         flush=True,
     )
-    phases: list[Phase] = []
-    runs: list[tuple[str, Callable[[], Phase]]] = [
-        ("ceiling", lambda: measure_ceiling(args)),
-        ("coalescing", lambda: measure_broker(args, coalesce=True)),
-        ("direct", lambda: measure_broker(args, coalesce=False)),
-    ]
-    for _, run in runs:
-        phase = run()
-        phases.append(phase)
-        batches = f"  mean batch {phase.mean_batch}" if phase.mean_batch else ""
-        print(
-            f"{phase.name:28} {phase.cycles_per_s:9.0f} cycles/s "
-            f"{phase.rpcs_per_s:9.0f} rpcs/s  errors {phase.errors}{batches}",
-            flush=True,
-        )
-    ceiling, coalescing, direct = phases
-    best = max(coalescing, direct, key=lambda phase: phase.cycles_per_s)
+    runs: dict[str, Callable[[], Phase]] = {
+        "ceiling": lambda: measure_ceiling(args),
+        "coalescing": lambda: measure_broker(args, coalesce=True),
+        "direct": lambda: measure_broker(args, coalesce=False),
+    }
+    # Interleaved rounds, so that a neighbour's load on the machine hits all three alike.
+    phases: dict[str, list[Phase]] = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            phase = run()
+            phases[name].append(phase)
+            batches = f"  mean batch {phase.mean_batch}" if phase.mean_batch else ""
+            print(
+                f"{phase.name:28} {phase.cycles_per_s:9.0f} cycles/s "
+                f"{phase.rpcs_per_s:9.0f} rpcs/s  errors {phase.errors}{batches}",
+                flush=True,
+            )
+    median = {
+        name: statistics.median(p.cycles_per_s for p in runs_of) for name, runs_of in phases.items()
+    }
     report = {
-        "cycles_per_s": coalescing.cycles_per_s,
-        "ceiling_per_s": ceiling.cycles_per_s,
-        "fraction_of_ceiling": round(coalescing.cycles_per_s / ceiling.cycles_per_s, 3),
-        "cycles_per_s_coalescing": coalescing.cycles_per_s,
-        "cycles_per_s_direct": direct.cycles_per_s,
-        "best": best.name,
+        "cycles_per_s": median["coalescing"],
+        "ceiling_per_s": median["ceiling"],
+        "fraction_of_ceiling": round(median["coalescing"] / median["ceiling"], 3),
+        "cycles_per_s_coalescing": median["coalescing"],
+        "cycles_per_s_direct": median["direct"],
+        "fraction_of_ceiling_direct": round(median["direct"] / median["ceiling"], 3),
         "processes": args.processes,
         "threads_per_process": args.threads,
         "seconds": args.seconds,
+        "rounds": args.rounds,
         "max_workers": args.max_workers,
-        "phases": [asdict(phase) for phase in phases],
+        "phases": {name: [asdict(p) for p in runs_of] for name, runs_of in phases.items()},
     }
     print(
-        f"broker at {report['fraction_of_ceiling']:.0%} of the ceiling "
-        f"(coalescing {coalescing.cycles_per_s:.0f}, direct {direct.cycles_per_s:.0f})"
+        f"medians: ceiling {median['ceiling']:.0f}, coalescing {median['coalescing']:.0f} "
+        f"({report['fraction_of_ceiling']:.0%}), direct {median['direct']:.0f} "
+        f"({report['fraction_of_ceiling_direct']:.0%}) cycles/s"
     )
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -568,7 +568,6 @@ def test_concurrent_calls_reach_the_state_actor_in_batches() -> None:
         return [item * 10 for item in items]
 
     coalescer: Coalescer[int, int] = Coalescer("test", send, max_batch=100)
-    coalescer.start()
     results: dict[int, int] = {}
 
     def submit(item: int) -> None:
@@ -581,19 +580,15 @@ def test_concurrent_calls_reach_the_state_actor_in_batches() -> None:
         threads += [threading.Thread(target=submit, args=(i,)) for i in range(1, 6)]
         for thread in threads[1:]:
             thread.start()
-        wait_until(lambda: coalescer_queued(coalescer) == 5)
+        wait_until(lambda: coalescer.queued == 5)
         release.set()
         for thread in threads:
             thread.join(TIMEOUT_S)
     finally:
-        coalescer.stop(TIMEOUT_S)
+        coalescer.stop()
     assert sent[0] == (0,)
     assert sorted(sent[1]) == [1, 2, 3, 4, 5]
     assert results == {i: i * 10 for i in range(6)}
-
-
-def coalescer_queued(coalescer: Coalescer[int, int]) -> int:
-    return coalescer._queue.qsize()
 
 
 def test_a_batch_error_reaches_every_caller_and_a_stopped_coalescer_refuses() -> None:
@@ -601,29 +596,37 @@ def test_a_batch_error_reaches_every_caller_and_a_stopped_coalescer_refuses() ->
         raise ActorUnavailable("state is gone")
 
     coalescer: Coalescer[int, int] = Coalescer("test", send, max_batch=10)
-    coalescer.start()
     with pytest.raises(ActorUnavailable, match="state is gone"):
         coalescer.submit(1, TIMEOUT_S)
-    coalescer.stop(TIMEOUT_S)
+    coalescer.stop()
     with pytest.raises(ActorUnavailable, match="stopping"):
         coalescer.submit(2, TIMEOUT_S)
 
 
-def test_a_caller_that_waited_too_long_gets_unavailable() -> None:
-    release = threading.Event()
+def test_a_caller_that_waited_too_long_gets_unavailable_and_is_not_sent() -> None:
+    sent: list[tuple[int, ...]] = []
+    first_out, release = threading.Event(), threading.Event()
 
     def send(items: tuple[int, ...], timeout_s: float) -> list[int]:
+        sent.append(items)
+        first_out.set()
         release.wait(TIMEOUT_S)
         return list(items)
 
     coalescer: Coalescer[int, int] = Coalescer("test", send, max_batch=10)
-    coalescer.start()
+    sender = threading.Thread(target=coalescer.submit, args=(1, TIMEOUT_S))
+    sender.start()
     try:
+        assert first_out.wait(TIMEOUT_S)
         with pytest.raises(ActorUnavailable, match="no answer within 50 ms"):
-            coalescer.submit(1, 0.05)
+            coalescer.submit(2, 0.05)
+        assert coalescer.queued == 0
     finally:
         release.set()
-        coalescer.stop(TIMEOUT_S)
+        sender.join(TIMEOUT_S)
+    assert sent == [(1,)]
+    assert coalescer.submit(3, TIMEOUT_S) == 3  # the sender's role was handed back
+    coalescer.stop()
 
 
 def wait_until(condition: Callable[[], bool]) -> None:
