@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 import pykka
 
@@ -70,6 +72,25 @@ class WriterConfig:
         return min(backoff_ms, self.retry_backoff_max_ms) / 1000
 
 
+class WriterObserver(Protocol):
+    """Receives the writer's flush measurements, on the writer's thread."""
+
+    def flushed(self, seconds: float, rows: int, bytes_written: int) -> None:
+        """One flush committed: how long the transaction took, its row changes, and the
+        activation bytes it wrote."""
+
+    def flush_failed(self) -> None:
+        """One flush was not committed (it is retried after a backoff)."""
+
+
+class _SilentWriterObserver:
+    def flushed(self, seconds: float, rows: int, bytes_written: int) -> None:
+        pass
+
+    def flush_failed(self) -> None:
+        pass
+
+
 class SqliteWriter(BrokerActor):
     """Commits the state actor's flushes; restores the state at startup.
 
@@ -85,9 +106,11 @@ class SqliteWriter(BrokerActor):
         mailbox: MailboxConfig,
         persisted_listener: Recipient | None = None,
         observer: MailboxObserver | None = None,
+        flush_observer: WriterObserver | None = None,
         name: str = "sqlite-writer",
     ) -> None:
         super().__init__(name, mailbox, observer)
+        self._flush_observer: WriterObserver = flush_observer or _SilentWriterObserver()
         # Opened here, in the caller's thread, so a corrupt or unreadable file fails
         # `SqliteWriter.start()` itself instead of killing the actor later.
         self._store = SqliteStore(
@@ -121,11 +144,18 @@ class SqliteWriter(BrokerActor):
         return None
 
     def _flush(self, flush: Flush) -> None:
+        started = time.monotonic()
         try:
             self._store.apply(flush)
         except StoreUnavailable as error:
+            self._flush_observer.flush_failed()
             self._failed(flush.seq, error)
             return
+        self._flush_observer.flushed(
+            time.monotonic() - started,
+            flush.row_changes,
+            sum(len(activation) for _, activation in flush.new_blobs),
+        )
         if self._failures:
             logger.info(
                 "SQLite store %s accepts writes again after %d failed flushes",
