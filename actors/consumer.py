@@ -53,6 +53,10 @@ SOURCE_OFFSET_HEADER = "taskbroker-source-offset"
 
 _AUTO_OFFSET_RESETS = ("earliest", "latest", "error")
 
+# A failed commit is sent again after this long even if no new Persisted comes: on a
+# quiet topic the next one may be far off.
+_COMMIT_RETRY_S = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class BatchLimits:
@@ -342,6 +346,7 @@ class KafkaConsumer(BrokerActor):
         self._assigned: set[Partition] = set()
         self._paused: set[Partition] = set()
         self._poll_scheduled = False
+        self._commit_retry_at: float | None = None
         self._consumed = 0
         self._ingested = 0
         self._batches = 0
@@ -435,6 +440,9 @@ class KafkaConsumer(BrokerActor):
             self._apply_pauses()
         if self._undelivered is not None:
             self._deliver(self._undelivered)
+        if self._commit_retry_at is not None and self._commit_retry_at <= now:
+            self._commit_retry_at = None
+            self._commit_durable(self._assigned, asynchronous=True)
         try:
             messages = self._consumer.consume(
                 num_messages=self._config.poll_max_messages,
@@ -442,13 +450,14 @@ class KafkaConsumer(BrokerActor):
             )
         except KafkaException as exc:
             raise KafkaUnavailable(f"consuming from {self._config.topic!r} failed: {exc}") from exc
-        wall_now = time.time()
+        # One clock reading per slice: a batch's age need not be finer than a slice.
+        now, wall_now = time.monotonic(), time.time()
         for message in messages:
-            self._take(message, wall_now)
+            self._take(message, now, wall_now)
         if self._batch.due(time.monotonic()):
             self._send_batch()
 
-    def _take(self, message: Message, wall_now: float) -> None:
+    def _take(self, message: Message, now: float, wall_now: float) -> None:
         error = message.error()
         if error is not None:
             self._take_error(message, error)
@@ -474,7 +483,7 @@ class KafkaConsumer(BrokerActor):
         except ActivationDecodeError as exc:
             self._decode_failed(partition, offset, value, exc.reason)
             return
-        self._batch.add_record(record, time.monotonic())
+        self._batch.add_record(record, now)
         if self._batch.full:
             self._send_batch()
 
@@ -599,11 +608,12 @@ class KafkaConsumer(BrokerActor):
             else:
                 self._check_committed(self._consumer.commit(offsets=commit, asynchronous=False))
         except KafkaException as exc:
-            # Not fatal: the next Persisted, revoke or stop commits again; at worst a
-            # later owner reads these messages again.
+            # Not fatal: a retry, the next Persisted, a revoke or the stop commits them;
+            # at worst a later owner reads these messages again.
             self._commit_failures += 1
             for partition, offset in offsets.items():
                 self._commits.commit_failed(partition, offset)
+            self._commit_retry_at = time.monotonic() + _COMMIT_RETRY_S
             logger.warning("committing %s failed: %s", commit, exc)
 
     def _check_committed(self, results: list[TopicPartition] | None) -> None:
@@ -620,6 +630,7 @@ class KafkaConsumer(BrokerActor):
 
     def _commit_failed(self, result: TopicPartition) -> None:
         self._commit_failures += 1
+        self._commit_retry_at = time.monotonic() + _COMMIT_RETRY_S
         self._commits.commit_failed(Partition(result.partition), Offset(result.offset - 1))
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
