@@ -1,0 +1,626 @@
+"""Every Prometheus metric of the broker, declared once, on an injected registry.
+
+Two kinds of source feed them:
+
+- Observers, called by the actors as things happen (`MailboxMetrics`, `FrontendMetrics`,
+  `UpkeepMetrics`, `WriterMetrics`): histograms and counters of events.
+- `BrokerCollector`, read at scrape time: mailbox counters straight from each mailbox
+  (no message needed), and the values that live inside actors (state counts, consumer
+  counters, store sizes) from `ActorSnapshots`, which asks the actors on its own thread.
+  A scrape therefore never sends a message and never waits on an actor: a slow actor
+  makes its numbers older (`taskbroker_snapshot_age_seconds` says how much), not the
+  scrape slower.
+
+Names follow Prometheus conventions: the `taskbroker_` prefix, the unit last, `_total`
+on counters; every family has a fixed label set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+import grpc
+import pykka
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from actors.activation import DECODE_REASONS
+from actors.errors import BrokerError
+from actors.messages import (
+    ConcludeOutcome,
+    ConsumerStats,
+    ConsumerStatsQuery,
+    StateStats,
+    Stats,
+    StoreSizesQuery,
+    TickResult,
+)
+from actors.runtime import MailboxPolicy, MailboxStats, mailbox_stats_of
+from actors.store import StoreSizes
+
+logger = logging.getLogger(__name__)
+
+PREFIX: Final = "taskbroker_"
+
+# Mailbox waits and handling times span microseconds (an idle actor) to seconds (a full
+# BLOCK mailbox, a slow flush).
+_SECONDS_BUCKETS: Final = (
+    0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+_REQUEST_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+_FLUSH_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+_ROWS_BUCKETS: Final = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
+_BYTES_BUCKETS: Final = tuple(float(1024 * 4**n) for n in range(10))  # 1 KiB .. 256 MiB
+_BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+TRANSITION_KINDS: Final = (
+    "deadline_reset",
+    "expired",
+    "delay_due",
+    "failed_by_deadline",
+    "produced",
+    "produce_failed",
+)
+"""The label values of `taskbroker_upkeep_transitions_total`."""
+
+CLAIM_RESULTS: Final = ("hit", "miss")
+
+
+# --- observers ---------------------------------------------------------------------------------
+
+
+class MailboxMetrics:
+    """The `MailboxObserver` of every actor: time in the mailbox and handling time, by actor
+    and message type.
+
+    Depth, high-water mark and overflows are not taken from these calls: they arrive from
+    several threads outside the mailbox's lock, so a depth set from them can be stale.
+    `BrokerCollector` reads the mailbox's own exact counters at scrape time instead.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._waited = Histogram(
+            f"{PREFIX}mailbox_wait_seconds",
+            "Time a message spent in an actor's mailbox before the actor took it, "
+            "by actor and message type.",
+            ("actor", "message"),
+            registry=registry,
+            buckets=_SECONDS_BUCKETS,
+        )
+        self._handled = Histogram(
+            f"{PREFIX}mailbox_handling_seconds",
+            "Time an actor spent handling one message, by actor and message type.",
+            ("actor", "message"),
+            registry=registry,
+            buckets=_SECONDS_BUCKETS,
+        )
+        # labels() takes a lock and builds a key on every call; these run on every message.
+        self._waited_by: dict[tuple[str, str], Any] = {}
+        self._handled_by: dict[tuple[str, str], Any] = {}
+
+    def enqueued(self, actor: str, depth: int) -> None:
+        pass  # read exactly at scrape time, see the class docstring
+
+    def overflowed(self, actor: str, policy: MailboxPolicy) -> None:
+        pass  # read exactly at scrape time, see the class docstring
+
+    def dequeued(self, actor: str, message_type: str, waited_s: float, depth: int) -> None:
+        _child(self._waited, self._waited_by, actor, message_type).observe(waited_s)
+
+    def handled(self, actor: str, message_type: str, seconds: float) -> None:
+        _child(self._handled, self._handled_by, actor, message_type).observe(seconds)
+
+
+def _child(
+    histogram: Histogram, cache: dict[tuple[str, str], Any], *labels: str
+) -> Any:  # prometheus_client's child type is private
+    key = (labels[0], labels[1])
+    child = cache.get(key)
+    if child is None:
+        # Two threads may both get here; labels() hands both the same child.
+        child = cache[key] = histogram.labels(*labels)
+    return child
+
+
+class FrontendMetrics:
+    """The `FrontendObserver`: gRPC calls by method and status code, coalesced batches."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._requests = Counter(
+            f"{PREFIX}grpc_requests",
+            "ConsumerService calls answered, by method and gRPC status code.",
+            ("method", "code"),
+            registry=registry,
+        )
+        self._latency = Histogram(
+            f"{PREFIX}grpc_request_duration_seconds",
+            "Time from a ConsumerService call's arrival to its answer, by method and code.",
+            ("method", "code"),
+            registry=registry,
+            buckets=_REQUEST_BUCKETS,
+        )
+        self._batches = Histogram(
+            f"{PREFIX}grpc_coalesced_batch_size",
+            'Calls per coalesced ask to the state actor, by kind ("claim", "conclude").',
+            ("kind",),
+            registry=registry,
+            buckets=_BATCH_BUCKETS,
+        )
+
+    def handled(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        self._requests.labels(method, code.name).inc()
+        self._latency.labels(method, code.name).observe(seconds)
+
+    def batch_sent(self, kind: str, size: int) -> None:
+        self._batches.labels(kind).observe(size)
+
+
+class UpkeepMetrics:
+    """The `UpkeepObserver`: tick duration, when upkeep last ticked, transitions by kind."""
+
+    def __init__(self, registry: CollectorRegistry, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._duration = Histogram(
+            f"{PREFIX}upkeep_tick_duration_seconds",
+            "Time one upkeep tick took: the state's Tick, producing retries and dead "
+            "letters, and waiting for Kafka's acknowledgements.",
+            registry=registry,
+            buckets=_FLUSH_BUCKETS,
+        )
+        self._last_tick = Gauge(
+            f"{PREFIX}upkeep_last_tick_timestamp_seconds",
+            "Unix time at which upkeep last completed a tick (0: never). "
+            "Upkeep is stalled when this falls behind.",
+            registry=registry,
+        )
+        self._transitions = Counter(
+            f"{PREFIX}upkeep_transitions",
+            "Time-driven transitions made by upkeep, by kind: deadline_reset (processing "
+            "past its deadline, back to pending), expired, delay_due (delay to pending), "
+            "failed_by_deadline (deadline passed with attempts used up), produced (retry or "
+            "dead letter acknowledged by Kafka), produce_failed (not acknowledged; tried "
+            "again next tick).",
+            ("kind",),
+            registry=registry,
+        )
+        self._by_kind = {kind: self._transitions.labels(kind) for kind in TRANSITION_KINDS}
+
+    def ticked(self, seconds: float, result: TickResult, produced: int, failed: int) -> None:
+        self._duration.observe(seconds)
+        self._last_tick.set(self._clock())
+        counts = {
+            "deadline_reset": result.deadline_resets,
+            "expired": result.expired,
+            "delay_due": result.delays_due,
+            "failed_by_deadline": result.failed_by_deadline,
+            "produced": produced,
+            "produce_failed": failed,
+        }
+        for kind, count in counts.items():
+            if count:
+                self._by_kind[kind].inc(count)
+
+
+class WriterMetrics:
+    """The `WriterObserver`: flush duration, rows and bytes per flush, failures."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._duration = Histogram(
+            f"{PREFIX}writer_flush_duration_seconds",
+            "Time the SQLite writer took to commit one flush (one transaction).",
+            registry=registry,
+            buckets=_FLUSH_BUCKETS,
+        )
+        self._rows = Histogram(
+            f"{PREFIX}writer_flush_rows",
+            "Row changes (upserts, deletes, new activation blobs) in one committed flush.",
+            registry=registry,
+            buckets=_ROWS_BUCKETS,
+        )
+        self._bytes = Histogram(
+            f"{PREFIX}writer_flush_bytes",
+            "Activation bytes written by one committed flush.",
+            registry=registry,
+            buckets=_BYTES_BUCKETS,
+        )
+        self._failures = Counter(
+            f"{PREFIX}writer_flush_failures",
+            "Flushes the SQLite store refused (disk full, I/O error, locked); their changes "
+            "go again with the next flush.",
+            registry=registry,
+        )
+
+    def flushed(self, seconds: float, rows: int, bytes_written: int) -> None:
+        self._duration.observe(seconds)
+        self._rows.observe(rows)
+        self._bytes.observe(bytes_written)
+
+    def flush_failed(self) -> None:
+        self._failures.inc()
+
+
+class Metrics:
+    """Every observer, declared on one registry. The supervisor hands each to its actor."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.mailbox = MailboxMetrics(registry)
+        self.frontend = FrontendMetrics(registry)
+        self.upkeep = UpkeepMetrics(registry)
+        self.writer = WriterMetrics(registry)
+
+
+# --- snapshots of what lives inside actors -----------------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot(Generic[T]):
+    value: T
+    taken_at: float
+    """`time.monotonic()` when the answer arrived."""
+
+
+class _Source(Generic[T]):
+    """One actor asked one question, with at most one ask in flight: an actor that does not
+    answer is not sent another question each round, so its mailbox does not fill with them.
+    """
+
+    def __init__(self, name: str, ref: pykka.ActorRef[Any], question: object) -> None:
+        self.name = name
+        self._ref = ref
+        self._question = question
+        self._pending: pykka.Future[Any] | None = None
+        self.latest: Snapshot[T] | None = None
+
+    def ask(self) -> None:
+        if self._pending is not None:
+            return
+        try:
+            self._pending = self._ref.ask(self._question, block=False)
+        except (BrokerError, pykka.ActorDeadError) as error:  # a `fail` mailbox, a dead actor
+            logger.debug("snapshot of %s not asked: %s", self.name, error)
+
+    def collect(self, timeout_s: float, now: Callable[[], float]) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        try:
+            value: T = pending.get(timeout=max(timeout_s, 0.0))
+        except pykka.Timeout:
+            return  # still in flight; collected in a later round
+        except (BrokerError, pykka.ActorDeadError) as error:
+            logger.debug("snapshot of %s failed: %s", self.name, error)
+        else:
+            self.latest = Snapshot(value, now())
+        self._pending = None
+
+
+class ActorSnapshots:
+    """Asks the state, consumer and writer for their numbers every `interval_s` on a daemon
+    thread, each answer bounded by `ask_timeout_s`; readers get the latest answers."""
+
+    def __init__(
+        self,
+        *,
+        state: pykka.ActorRef[Any] | None = None,
+        consumer: pykka.ActorRef[Any] | None = None,
+        writer: pykka.ActorRef[Any] | None = None,
+        interval_s: float = 1.0,
+        ask_timeout_s: float = 0.5,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not interval_s > 0 or not ask_timeout_s > 0:
+            raise ValueError("snapshot interval_s and ask_timeout_s must be positive")
+        self._state: _Source[StateStats] | None = (
+            None if state is None else _Source("state", state, Stats())
+        )
+        self._consumer: _Source[ConsumerStats] | None = (
+            None if consumer is None else _Source("consumer", consumer, ConsumerStatsQuery())
+        )
+        self._writer: _Source[StoreSizes] | None = (
+            None if writer is None else _Source("writer", writer, StoreSizesQuery())
+        )
+        self._interval_s = interval_s
+        self._ask_timeout_s = ask_timeout_s
+        self._monotonic = monotonic
+        self._round_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-snapshots", daemon=True)
+
+    def __repr__(self) -> str:
+        ages = {name: f"{age:.1f}s" for name, age in self.ages_s().items()}
+        return f"<ActorSnapshots every {self._interval_s}s ages={ages}>"
+
+    @property
+    def state(self) -> Snapshot[StateStats] | None:
+        return None if self._state is None else self._state.latest
+
+    @property
+    def consumer(self) -> Snapshot[ConsumerStats] | None:
+        return None if self._consumer is None else self._consumer.latest
+
+    @property
+    def store(self) -> Snapshot[StoreSizes] | None:
+        return None if self._writer is None else self._writer.latest
+
+    def ages_s(self) -> dict[str, float]:
+        """Seconds since each source last answered; a source that never did is absent."""
+        now = self._monotonic()
+        return {
+            source.name: now - source.latest.taken_at
+            for source in self._sources()
+            if source.latest is not None
+        }
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self._ask_timeout_s + 1.0)
+
+    def refresh(self) -> None:
+        """One round now, on the caller's thread: ask every source, wait for the answers
+        until the ask timeout. Rounds never overlap."""
+        with self._round_lock:
+            deadline = self._monotonic() + self._ask_timeout_s
+            sources = self._sources()
+            for source in sources:
+                source.ask()
+            for source in sources:
+                source.collect(deadline - self._monotonic(), self._monotonic)
+
+    def _sources(self) -> list[_Source[Any]]:
+        return [s for s in (self._state, self._consumer, self._writer) if s is not None]
+
+    def _run(self) -> None:
+        while True:
+            self.refresh()
+            if self._stopping.wait(self._interval_s):
+                return
+
+
+# --- the scrape-time collector -----------------------------------------------------------------
+
+
+class BrokerCollector:
+    """Reads mailbox counters, actor liveness, readiness and the latest snapshots at
+    scrape time. Never sends a message, so a scrape cannot hang on a busy actor."""
+
+    def __init__(
+        self,
+        actors: Callable[[], Sequence[tuple[str, pykka.ActorRef[Any]]]],
+        snapshots: ActorSnapshots,
+        ready: Callable[[], bool],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._actors = actors
+        self._snapshots = snapshots
+        self._ready = ready
+        self._clock = clock
+
+    def describe(self) -> Iterable[Metric]:
+        # The names only, so the registry refuses a second declaration of any of them.
+        return list(_Families().all())
+
+    def collect(self) -> Iterable[Metric]:
+        families = _Families()
+        families.ready.add_metric([], 1.0 if self._ready() else 0.0)
+        for name, ref in self._actors():
+            families.add_actor(name, ref)
+        snapshots = self._snapshots
+        for source, age_s in snapshots.ages_s().items():
+            families.snapshot_age.add_metric([source], age_s)
+        if snapshots.state is not None:
+            families.add_state(snapshots.state.value, self._clock())
+        if snapshots.consumer is not None:
+            families.add_consumer(snapshots.consumer.value)
+        if snapshots.store is not None:
+            families.add_store(snapshots.store.value)
+        return list(families.all())
+
+
+class _Families:
+    """One scrape's worth of the collector's families, filled from what is known."""
+
+    def __init__(self) -> None:
+        self.ready = _gauge(
+            "ready",
+            "1 while the broker is ready: restored, consuming, and upkeep ticking (what "
+            "/readyz and gRPC health report); 0 otherwise.",
+        )
+        self.actor_up = _gauge("actor_up", "1 while the actor runs, 0 once it stopped.", "actor")
+        self.depth = _gauge(
+            "mailbox_depth_messages",
+            "Messages waiting in the actor's mailbox now.",
+            "actor",
+        )
+        self.high_water = _gauge(
+            "mailbox_high_water_messages",
+            "The most messages the actor's mailbox has held at once since it started.",
+            "actor",
+        )
+        self.capacity = _gauge(
+            "mailbox_capacity_messages",
+            "The mailbox's configured size, with its overflow policy as a label.",
+            "actor",
+            "policy",
+        )
+        self.overflows = _counter(
+            "mailbox_overflows",
+            "Messages the actor's full mailbox refused (block after the push timeout, fail) "
+            "or dropped (drop_newest, drop_oldest), by actor and policy.",
+            "actor",
+            "policy",
+        )
+        self.snapshot_age = _gauge(
+            "snapshot_age_seconds",
+            "Age of the latest answer from an actor (state, consumer, writer) behind the "
+            "values read from it; it grows while that actor is too busy to answer.",
+            "source",
+        )
+        self.activations = _gauge(
+            "state_activations",
+            "Activations held by the state actor, by status (finished ones are not held).",
+            "status",
+        )
+        self.activations_by_namespace = _gauge(
+            "state_namespace_activations",
+            "Activations held by the state actor, by application, namespace and status.",
+            "application",
+            "namespace",
+            "status",
+        )
+        self.activations_by_partition = _gauge(
+            "state_partition_activations",
+            "Activations held by the state actor, by the Kafka partition they came from.",
+            "partition",
+        )
+        self.oldest_pending = _gauge(
+            "state_oldest_pending_age_seconds",
+            "Age of the oldest pending activation, since it was ingested (0: none pending). "
+            "The pending lag: how far workers are behind.",
+        )
+        self.dirty = _gauge(
+            "state_dirty_records",
+            "Records changed in memory and not yet handed to the writer.",
+        )
+        self.flush_outstanding = _gauge(
+            "state_flush_outstanding",
+            "1 while a flush is with the writer and not yet answered.",
+        )
+        self.ingest_paused = _gauge(
+            "state_ingest_paused",
+            "1 while the state has asked the consumer to pause (a max_*_count limit reached).",
+        )
+        self.claims = _counter(
+            "state_claims",
+            "Claims answered by the state actor: hit (a task handed out) or miss (none pending).",
+            "result",
+        )
+        self.conclusions = _counter(
+            "state_conclusions",
+            "Worker results handled by the state actor, by outcome: applied, late (after a "
+            "deadline reset), unknown (no such task, or already finished).",
+            "outcome",
+        )
+        self.consumed = _counter(
+            "kafka_messages_consumed", "Messages read from the activations topic."
+        )
+        self.ingested = _counter(
+            "kafka_activations_ingested", "Activations decoded and handed to the state actor."
+        )
+        self.batches = _counter("kafka_ingest_batches", "Ingest batches sent to the state actor.")
+        self.decode_failures = _counter(
+            "kafka_decode_failures",
+            "Messages that are not valid activations, by reason; each is dead-lettered.",
+            "reason",
+        )
+        self.dead_lettered = _counter(
+            "kafka_dead_lettered",
+            "Undecodable messages sent to the dead-letter topic and acknowledged.",
+        )
+        self.dead_letter_failures = _counter(
+            "kafka_dead_letter_failures",
+            "Dead-letter produces Kafka did not acknowledge (the partition is held and "
+            "the message tried again).",
+        )
+        self.kafka_errors = _counter("kafka_errors", "Errors reported by the Kafka consumer.")
+        self.commit_failures = _counter(
+            "kafka_commit_failures", "Offset commits that Kafka refused."
+        )
+        self.assigned = _gauge(
+            "kafka_assigned_partitions", "Partitions assigned to this broker's consumer."
+        )
+        self.paused = _gauge(
+            "kafka_paused_partitions",
+            "Assigned partitions paused now (backpressure from the state, or a held dead letter).",
+        )
+        self.backpressure = _gauge(
+            "kafka_backpressure",
+            "1 while the consumer pauses ingest because the state asked it to.",
+        )
+        self.committed = _gauge(
+            "kafka_committed_offset",
+            "The offset last committed for the partition (the next one to consume); "
+            "everything before it is durable in SQLite.",
+            "partition",
+        )
+        self.db_bytes = _gauge("store_database_bytes", "Size of the SQLite database file.")
+        self.wal_bytes = _gauge("store_wal_bytes", "Size of the SQLite write-ahead log.")
+
+    def all(self) -> Iterator[Metric]:
+        return (value for value in vars(self).values() if isinstance(value, Metric))
+
+    def add_actor(self, name: str, ref: pykka.ActorRef[Any]) -> None:
+        self.actor_up.add_metric([name], 1.0 if ref.is_alive() else 0.0)
+        try:
+            stats: MailboxStats = mailbox_stats_of(ref)
+        except TypeError:
+            return  # not a broker actor: no mailbox counters to report
+        self.depth.add_metric([name], stats.depth)
+        self.high_water.add_metric([name], stats.high_water)
+        self.capacity.add_metric([name, stats.policy.value], stats.size)
+        self.overflows.add_metric([name, stats.policy.value], stats.overflows)
+
+    def add_state(self, stats: StateStats, now: float) -> None:
+        for status, count in stats.by_status.items():
+            self.activations.add_metric([status.name.lower()], count)
+        for (application, namespace, status), count in stats.by_group.items():
+            self.activations_by_namespace.add_metric(
+                [application, namespace, status.name.lower()], count
+            )
+        for partition, count in stats.by_partition.items():
+            self.activations_by_partition.add_metric([str(partition)], count)
+        added_at = stats.oldest_pending_added_at
+        self.oldest_pending.add_metric([], 0.0 if added_at is None else max(now - added_at, 0.0))
+        self.dirty.add_metric([], stats.dirty)
+        self.flush_outstanding.add_metric([], float(stats.flush_outstanding))
+        self.ingest_paused.add_metric([], float(stats.ingest_paused))
+        for result in CLAIM_RESULTS:
+            self.claims.add_metric([result], stats.claims.get(result, 0))
+        for outcome in ConcludeOutcome:
+            self.conclusions.add_metric([outcome.value], stats.conclusions.get(outcome.value, 0))
+
+    def add_consumer(self, stats: ConsumerStats) -> None:
+        self.consumed.add_metric([], stats.consumed)
+        self.ingested.add_metric([], stats.ingested)
+        self.batches.add_metric([], stats.batches)
+        for reason in DECODE_REASONS:
+            self.decode_failures.add_metric([reason], stats.decode_failures.get(reason, 0))
+        self.dead_lettered.add_metric([], stats.dead_lettered)
+        self.dead_letter_failures.add_metric([], stats.dead_letter_failures)
+        self.kafka_errors.add_metric([], stats.kafka_errors)
+        self.commit_failures.add_metric([], stats.commit_failures)
+        self.assigned.add_metric([], len(stats.assigned))
+        self.paused.add_metric([], len(stats.paused))
+        self.backpressure.add_metric([], float(stats.backpressure))
+        for partition, offset in stats.committed.items():
+            self.committed.add_metric([str(partition)], offset)
+
+    def add_store(self, sizes: StoreSizes) -> None:
+        self.db_bytes.add_metric([], sizes.db_bytes)
+        self.wal_bytes.add_metric([], sizes.wal_bytes)
+
+
+def _gauge(name: str, documentation: str, *labels: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}{name}", documentation, labels=labels)
+
+
+def _counter(name: str, documentation: str, *labels: str) -> CounterMetricFamily:
+    # CounterMetricFamily appends `_total` to the samples, as Counter does.
+    return CounterMetricFamily(f"{PREFIX}{name}", documentation, labels=labels)
