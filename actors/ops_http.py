@@ -1,0 +1,330 @@
+"""The operations HTTP endpoint: Prometheus metrics, health, readiness and status.
+
+- `GET /metrics`: the registry in the Prometheus text format.
+- `GET /healthz`: 200 while the process answers HTTP at all (liveness).
+- `GET /readyz`: 200 while the broker is ready (restored, consuming, upkeep ticking:
+  what gRPC health reports), 503 otherwise (readiness).
+- `GET /status`: JSON (see `status_document`); with `Accept: text/html`, the HTML page.
+- `GET /status.html`: a self-contained page of the same that reloads itself; it loads
+  nothing from anywhere, so it renders on a host without a network.
+
+Every answer is built from values read without a message to any actor (mailbox counters,
+`ActorSnapshots`), so the endpoint answers while an actor is busy or stuck.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Final
+
+import pykka
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from actors.errors import ConfigError
+from actors.metrics import ActorSnapshots
+from actors.runtime import mailbox_stats_of
+
+logger = logging.getLogger(__name__)
+
+REFRESH_S: Final = 5
+"""How often the HTML status page reloads itself."""
+
+_JSON: Final = "application/json"
+_HTML: Final = "text/html; charset=utf-8"
+_TEXT: Final = "text/plain; charset=utf-8"
+
+StatusDocument = dict[str, Any]
+
+
+def status_document(
+    actors: Sequence[tuple[str, pykka.ActorRef[Any]]],
+    snapshots: ActorSnapshots,
+    ready: bool,
+    clock: Callable[[], float] = time.time,
+) -> StatusDocument:
+    """What /status answers, as plain JSON-able values:
+
+    - `ready` (bool), `generated_at` (Unix seconds);
+    - `actors`: one entry per actor in start order, `{"name", "alive", "mailbox": {"name",
+      "size", "policy", "depth", "high_water", "overflows"}}`;
+    - `counts_by_status`: activations held by the state actor, by lowercase status name
+      (empty until the state first answered);
+    - `headline`: a flat mapping of the numbers an operator looks at first; a number whose
+      actor has not answered yet is absent;
+    - `snapshot_age_s`: how old the state, consumer and writer numbers are.
+    """
+    now = clock()
+    entries: list[dict[str, Any]] = []
+    for name, ref in actors:
+        entry: dict[str, Any] = {"name": name, "alive": ref.is_alive()}
+        try:
+            stats = mailbox_stats_of(ref)
+        except TypeError:
+            entry["mailbox"] = None
+        else:
+            entry["mailbox"] = {
+                "name": stats.name,
+                "size": stats.size,
+                "policy": stats.policy.value,
+                "depth": stats.depth,
+                "high_water": stats.high_water,
+                "overflows": stats.overflows,
+            }
+        entries.append(entry)
+
+    counts: dict[str, int] = {}
+    headline: dict[str, float | int | bool] = {}
+    if snapshots.state is not None:
+        state = snapshots.state.value
+        counts = {status.name.lower(): n for status, n in sorted(state.by_status.items())}
+        oldest = state.oldest_pending_added_at
+        headline["oldest_pending_age_s"] = 0.0 if oldest is None else max(now - oldest, 0.0)
+        headline["dirty_records"] = state.dirty
+        headline["flush_outstanding"] = state.flush_outstanding
+        headline["ingest_paused"] = state.ingest_paused
+        for result, n in sorted(state.claims.items()):
+            headline[f"claims_{result}"] = n
+        for outcome, n in sorted(state.conclusions.items()):
+            headline[f"conclusions_{outcome}"] = n
+    if snapshots.consumer is not None:
+        consumer = snapshots.consumer.value
+        headline["kafka_consumed"] = consumer.consumed
+        headline["kafka_ingested"] = consumer.ingested
+        headline["kafka_decode_failures"] = sum(consumer.decode_failures.values())
+        headline["kafka_assigned_partitions"] = len(consumer.assigned)
+        headline["kafka_paused_partitions"] = len(consumer.paused)
+    if snapshots.store is not None:
+        headline["store_db_bytes"] = snapshots.store.value.db_bytes
+        headline["store_wal_bytes"] = snapshots.store.value.wal_bytes
+    return {
+        "ready": ready,
+        "generated_at": now,
+        "actors": entries,
+        "counts_by_status": counts,
+        "headline": headline,
+        "snapshot_age_s": {name: round(age, 3) for name, age in snapshots.ages_s().items()},
+    }
+
+
+def render_html(status: Mapping[str, Any], refresh_s: int = REFRESH_S) -> str:
+    """The status page: inline style, no script, no external resource; it reloads itself
+    every `refresh_s` seconds with a meta refresh."""
+    ready = bool(status.get("ready"))
+    rows = []
+    for actor in status.get("actors", []):
+        mailbox = actor.get("mailbox") or {}
+        full = mailbox.get("size") and mailbox.get("depth", 0) >= mailbox["size"]
+        rows.append(
+            _row(
+                actor["name"],
+                "yes" if actor.get("alive") else "NO",
+                f"{mailbox.get('depth', '-')} / {mailbox.get('size', '-')}",
+                mailbox.get("high_water", "-"),
+                mailbox.get("policy", "-"),
+                mailbox.get("overflows", "-"),
+                css="bad" if full or not actor.get("alive") else "",
+            )
+        )
+    counts = [_row(k, v) for k, v in status.get("counts_by_status", {}).items()]
+    headline = [_row(k, _number(v)) for k, v in status.get("headline", {}).items()]
+    ages = [_row(k, f"{v:.1f} s") for k, v in status.get("snapshot_age_s", {}).items()]
+    generated = time.strftime(
+        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(status.get("generated_at", 0)))
+    )
+    return _PAGE.format(
+        refresh_s=refresh_s,
+        readiness="ready" if ready else "NOT READY",
+        readiness_css="good" if ready else "bad",
+        generated=html.escape(generated),
+        actors="\n".join(rows),
+        counts="\n".join(counts) or _row("(no answer from the state actor yet)"),
+        headline="\n".join(headline) or _row("(no numbers yet)"),
+        ages="\n".join(ages) or _row("(none yet)"),
+    )
+
+
+def _row(*cells: object, css: str = "") -> str:
+    attribute = f' class="{css}"' if css else ""
+    return f"<tr{attribute}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+
+
+def _number(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+_PAGE: Final = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="refresh" content="{refresh_s}">
+<title>taskbroker status</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.75em; text-align: left; }}
+th {{ background: #f0f0f0; }}
+td:not(:first-child) {{ font-variant-numeric: tabular-nums; }}
+.good {{ color: #176b2c; }}
+.bad {{ color: #a31515; font-weight: bold; }}
+</style>
+</head>
+<body>
+<h1>taskbroker <span class="{readiness_css}">{readiness}</span></h1>
+<p>Generated {generated}; this page reloads every {refresh_s} s.</p>
+<h2>Actors</h2>
+<table>
+<tr><th>actor</th><th>alive</th><th>depth / size</th><th>high water</th><th>policy</th>
+<th>overflows</th></tr>
+{actors}
+</table>
+<h2>Activations by status</h2>
+<table>
+<tr><th>status</th><th>count</th></tr>
+{counts}
+</table>
+<h2>Headline</h2>
+<table>
+<tr><th>what</th><th>value</th></tr>
+{headline}
+</table>
+<h2>Age of the actors' numbers</h2>
+<table>
+<tr><th>source</th><th>age</th></tr>
+{ages}
+</table>
+</body>
+</html>
+"""
+
+
+class OpsServer:
+    """The endpoint on a stdlib `ThreadingHTTPServer`, served from a daemon thread.
+
+    The port is bound in the constructor, so a port in use fails the broker's start; port 0
+    picks a free one (`port` tells which).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        status: Callable[[], StatusDocument],
+        ready: Callable[[], bool],
+    ) -> None:
+        handler = _handler_class(registry, status, ready)
+        server_class = _IPv6Server if ":" in host else _Server
+        try:
+            self._server = server_class((host, port), handler)
+        except OSError as error:
+            raise ConfigError(
+                f"metrics_port: cannot listen on {host}:{port}: {error.strerror or error}"
+            ) from None
+        self._host = host
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="ops-http"
+        )
+        self._thread.daemon = True
+
+    def __repr__(self) -> str:
+        state = "serving" if self._thread.is_alive() else "idle"
+        return f"<OpsServer {self._host}:{self.port} {state}>"
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """The base URL, with a loopback host when bound to every interface."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self._host, self._host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        logger.info("serving metrics and status on %s:%d", self._host, self.port)
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Stop serving and close the socket. Requests in progress run on daemon threads
+        and are not waited for beyond `timeout_s`."""
+        if self._thread.is_alive():
+            # shutdown() waits for serve_forever's loop, which checks every poll interval.
+            stopper = threading.Thread(target=self._server.shutdown, daemon=True)
+            stopper.start()
+            stopper.join(timeout_s)
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                logger.warning("the ops HTTP server did not stop within %.1f s", timeout_s)
+        self._server.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a slow client must not hold the process at exit
+    allow_reuse_address = True  # a restart must not wait out TIME_WAIT on the port
+
+
+class _IPv6Server(_Server):
+    address_family = socket.AF_INET6
+
+
+def _handler_class(
+    registry: CollectorRegistry,
+    status: Callable[[], StatusDocument],
+    ready: Callable[[], bool],
+) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "taskbroker-ops"
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            try:
+                self._route(path)
+            except Exception:
+                logger.exception("ops endpoint %s failed", path)
+                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, _TEXT, b"internal error\n")
+
+        def _route(self, path: str) -> None:
+            if path == "/metrics":
+                self._send(HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(registry))
+            elif path == "/healthz":
+                self._send(HTTPStatus.OK, _TEXT, b"ok\n")
+            elif path == "/readyz":
+                if ready():
+                    self._send(HTTPStatus.OK, _TEXT, b"ready\n")
+                else:
+                    self._send(HTTPStatus.SERVICE_UNAVAILABLE, _TEXT, b"not ready\n")
+            elif path == "/status.html" or (path == "/status" and self._wants_html()):
+                self._send(HTTPStatus.OK, _HTML, render_html(status()).encode())
+            elif path == "/status":
+                body = json.dumps(status(), indent=2, sort_keys=False).encode()
+                self._send(HTTPStatus.OK, _JSON, body)
+            else:
+                self._send(HTTPStatus.NOT_FOUND, _TEXT, b"not found\n")
+
+        def _wants_html(self) -> bool:
+            accept = self.headers.get("Accept", "")
+            return "text/html" in accept and _JSON not in accept
+
+        def _send(self, code: HTTPStatus, content_type: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            # Scrapes and probes arrive every few seconds: not worth a line each at INFO.
+            logger.debug("%s %s", self.address_string(), format % args)
+
+    return Handler
