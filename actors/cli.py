@@ -3,19 +3,27 @@
 Each subcommand registers itself on the parser in one `_add_<name>` function and sets
 `handler`, a function from the parsed arguments to the exit code.
 
+- `taskbroker run`: the broker (with an embedded Kafka when no Kafka is configured).
+- `taskbroker config`: the effective configuration, secrets masked.
 - `taskbroker produce`: write well-formed activations to Kafka, for demos and tests.
+- `taskbroker status`: a running broker's mailboxes and counts, as a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from actors import config as configuration
+from actors import status
 from actors.activation import encode_activation
+from actors.config import Config
 from actors.errors import ConfigError
 from actors.producer import KafkaProducer, OutgoingMessage, ProducerConfig
 from actors.records import OnAttemptsExceeded
@@ -186,16 +194,121 @@ def _produce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags shared by `run` and `config`: a file, the common keys, and any key by name."""
+    parser.add_argument("--config", type=Path, default=None, metavar="PATH", help="a TOML file")
+    parser.add_argument(
+        "--kafka",
+        default=None,
+        metavar="HOST:PORT",
+        help="Kafka bootstrap servers (kafka_cluster); absent: start the embedded Kafka",
+    )
+    parser.add_argument("--embedded-kafka-port", type=int, default=None, metavar="N")
+    parser.add_argument("--db", default=None, metavar="PATH", help="the SQLite file (db_path)")
+    parser.add_argument("--grpc-port", type=int, default=None, metavar="N")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="N", help="0: off")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any configuration key, dotted for nesting (mailbox.state.size=500); repeatable",
+    )
+
+
+_FLAG_KEYS = {
+    "kafka": "kafka_cluster",
+    "embedded_kafka_port": "embedded_kafka_port",
+    "db": "db_path",
+    "grpc_port": "grpc_port",
+    "metrics_port": "metrics_port",
+}
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """Defaults < --config file < TASKBROKER_* environment < flags."""
+    overrides: dict[str, object] = {
+        key: getattr(args, flag)
+        for flag, key in _FLAG_KEYS.items()
+        if getattr(args, flag) is not None
+    }
+    for assignment in args.set:
+        key, separator, value = assignment.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+        overrides[key.strip()] = value.strip()
+    return configuration.load(args.config, os.environ, overrides)
+
+
+def _add_run(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the broker",
+        description="Run the broker until SIGTERM or SIGINT. Without --kafka (or kafka_cluster "
+        "in the configuration) it starts an embedded Kafka for development.",
+    )
+    _add_config_arguments(parser)
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from actors.supervisor import EXIT_STARTUP_FAILED, Supervisor  # noqa: PLC0415 - heavy, run only
+
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        print(f"taskbroker run: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    logging.getLogger().setLevel(config.log_level.upper())
+    return Supervisor(config).run()
+
+
+def _add_config(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "config",
+        help="print the effective configuration",
+        description="Print the configuration `run` would use with the same flags and "
+        "environment, as TOML, secrets masked.",
+    )
+    _add_config_arguments(parser)
+    parser.set_defaults(handler=_config)
+
+
+def _config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        print(f"taskbroker config: {exc}", file=sys.stderr)
+        return 2
+    print(configuration.to_toml(config), end="")
+    return 0
+
+
+def _add_status(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        help="show a running broker's mailboxes and counts",
+        description="Fetch /status from a running broker's metrics port and print it.",
+    )
+    status.add_arguments(parser)
+    parser.set_defaults(handler=status.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskbroker", description="An actor-model task broker.")
     subparsers = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    _add_run(subparsers)
+    _add_config(subparsers)
     _add_produce(subparsers)
+    _add_status(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     handler: Handler = args.handler
     return handler(args)
 

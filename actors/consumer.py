@@ -39,6 +39,7 @@ from actors.messages import (
     IngestBackpressure,
     Persisted,
     Recipient,
+    StopConsuming,
 )
 from actors.producer import OutgoingMessage, ProduceReport
 from actors.records import KafkaOffset, Offset, Partition, Record
@@ -261,6 +262,7 @@ class PauseState:
     def __init__(self) -> None:
         self.backpressure = False
         self.ingest_blocked = False
+        self.stopping = False
         self._holds: dict[Partition, tuple[Offset, float]] = {}
 
     def __repr__(self) -> str:
@@ -290,7 +292,7 @@ class PauseState:
 
     def paused(self, assigned: Iterable[Partition]) -> set[Partition]:
         """The partitions among `assigned` that must be paused now."""
-        if self.backpressure or self.ingest_blocked:
+        if self.backpressure or self.ingest_blocked or self.stopping:
             return set(assigned)
         return {p for p in assigned if p in self._holds}
 
@@ -412,10 +414,20 @@ class KafkaConsumer(BrokerActor):
                 self._commits.persisted(offsets)
                 self._commit_durable(self._assigned, asynchronous=True)
             case IngestBackpressure(pause):
+                if pause != self._pauses.backpressure:
+                    logger.info(
+                        "state asks to %s ingest after %d consumed",
+                        "pause" if pause else "resume",
+                        self._consumed,
+                    )
                 self._pauses.backpressure = pause
                 self._apply_pauses()
             case ConsumerStatsQuery():
                 return self._stats()
+            case StopConsuming():
+                self._pauses.stopping = True
+                self._apply_pauses()
+                self._send_batch()
             case _:
                 raise TypeError(f"Kafka consumer got an unknown message: {message!r}")
         return None
@@ -435,6 +447,9 @@ class KafkaConsumer(BrokerActor):
             self._poll_scheduled = True
 
     def _poll_slice(self) -> None:
+        if self._pauses.stopping:
+            # Whatever is fetched now could not reach the state's last flush.
+            return
         now = time.monotonic()
         if self._pauses.release_due(now):
             self._apply_pauses()

@@ -247,6 +247,13 @@ class Persisted(Essential):
 
 
 @dataclass(frozen=True, slots=True)
+class StopConsuming:
+    """Shutdown (ask): pause every partition for good and hand the state what is batched,
+    so that the state's last flush covers everything consumed; offsets are committed when
+    the consumer stops."""
+
+
+@dataclass(frozen=True, slots=True)
 class IngestBackpressure(Essential):
     """The state crossed a `max_*_count` limit (pause) or fell back under all (resume)."""
 

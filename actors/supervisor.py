@@ -1,0 +1,342 @@
+"""The supervisor: builds every actor from the configuration, starts them in dependency order,
+watches them, and stops them in reverse order on SIGTERM/SIGINT.
+
+Start: (embedded Kafka) → state → writer → restore → upkeep → consumer → gRPC → ready.
+Stop: not ready → gRPC (with a grace) → upkeep → consumer stops consuming → the state's last
+flush, committed by the writer → consumer commits the durable offsets → state → writer.
+
+An actor that dies on its own is logged with its error and the process exits non-zero: a
+half-alive broker is worse than a restart, and the durability contract makes a restart safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pykka
+import pykka.debug
+
+from actors.config import Config
+from actors.consumer import BatchLimits, ConsumerConfig, KafkaConsumer
+from actors.embedded_kafka import EmbeddedKafka, TopicSpec
+from actors.errors import ActorUnavailable, BrokerError
+from actors.frontend import FrontendConfig, GrpcFrontend
+from actors.messages import Connect, Drain, LoadAndRestore, StopConsuming
+from actors.producer import KafkaProducer, ProducerConfig
+from actors.runtime import ask
+from actors.state import StateActor, StateConfig
+from actors.statemachine import Limits
+from actors.upkeep import HealthMonitor, Upkeep, UpkeepConfig
+from actors.writer import SqliteWriter, WriterConfig
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ACTOR_DIED = 1
+EXIT_STARTUP_FAILED = 2
+
+_RESTORE_TIMEOUT_S = 300.0
+_WATCH_INTERVAL_S = 0.25
+
+
+class _Relay:
+    """Forwards to a recipient that exists only later: the writer is built before the
+    consumer (restore must finish before consuming starts), yet tells it `Persisted`."""
+
+    def __init__(self) -> None:
+        self.target: pykka.ActorRef[Any] | None = None
+
+    def tell(self, message: object) -> None:
+        if self.target is not None:
+            self.target.tell(message)
+
+
+@dataclass
+class Broker:
+    """The running actors, in start order, and where they can be reached."""
+
+    config: Config
+    kafka_bootstrap: str
+    grpc_port: int
+    actors: list[tuple[str, pykka.ActorRef[Any]]] = field(default_factory=list)
+    health: HealthMonitor | None = None
+    embedded_kafka: EmbeddedKafka | None = None
+
+    def ref(self, name: str) -> pykka.ActorRef[Any]:
+        return dict(self.actors)[name]
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._stop_requested = threading.Event()
+        self._broker: Broker | None = None
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    @property
+    def broker(self) -> Broker | None:
+        return self._broker
+
+    def run(self, on_ready: Callable[[Broker], None] | None = None) -> int:
+        """Start, serve until a stop is requested or an actor dies, stop; the exit code."""
+        try:
+            with self._signals():
+                broker = self._broker = self.start()
+                try:
+                    if on_ready is not None:
+                        on_ready(broker)
+                    died = self._watch(broker)
+                finally:
+                    self.stop(broker)
+        except BrokerError as error:
+            logger.error("broker failed to start: %s", error)  # noqa: TRY400 - the message is the diagnosis
+            return EXIT_STARTUP_FAILED
+        return EXIT_ACTOR_DIED if died else EXIT_OK
+
+    # --- start -------------------------------------------------------------------------------
+
+    def start(self) -> Broker:
+        config = self._config
+        embedded = None
+        bootstrap = config.kafka_cluster
+        if not bootstrap:
+            embedded = self._start_embedded_kafka()
+            bootstrap = embedded.bootstrap
+        broker = Broker(config, bootstrap, grpc_port=0, embedded_kafka=embedded)
+        try:
+            self._start_actors(broker)
+        except BaseException:
+            self.stop(broker)
+            raise
+        return broker
+
+    def _start_embedded_kafka(self) -> EmbeddedKafka:
+        config = self._config
+        topics = {config.kafka_topic, config.retry_topic, config.kafka_deadletter_topic}
+        kafka = EmbeddedKafka(
+            port=config.embedded_kafka_port,
+            topics=[TopicSpec(name) for name in sorted(topics)],
+            partitions=config.embedded_kafka_partitions,
+        )
+        kafka.start()
+        logger.info(
+            "no kafka_cluster configured: started the embedded Kafka on %s (development only)",
+            kafka.bootstrap,
+        )
+        return kafka
+
+    def _start_actors(self, broker: Broker) -> None:
+        config = self._config
+        mailboxes = config.mailbox
+        state = StateActor.start(
+            StateConfig(
+                limits=Limits(
+                    max_pending_count=config.max_pending_count,
+                    max_processing_count=config.max_processing_count,
+                    max_delay_count=config.max_delay_count,
+                    max_processing_attempts=config.max_processing_attempts,
+                    processing_deadline_grace_s=config.processing_deadline_grace_sec,
+                    max_delayed_task_allowed_s=config.max_delayed_task_allowed_sec,
+                ),
+                flush_interval_ms=config.flush_interval_ms,
+                flush_max_dirty=config.flush_max_dirty,
+            ),
+            mailboxes.state.to_runtime(),
+        )
+        broker.actors.append(("state", state))
+
+        persisted = _Relay()
+        writer = SqliteWriter.start(
+            WriterConfig(
+                db_path=Path(config.db_path),
+                busy_timeout_ms=config.store.busy_timeout_ms,
+                debug_commit_delay_ms=config.store.debug_commit_delay_ms,
+            ),
+            state,
+            mailbox=mailboxes.writer.to_runtime(),
+            persisted_listener=persisted,
+        )
+        broker.actors.append(("writer", writer))
+        restored = ask(writer, LoadAndRestore(), _RESTORE_TIMEOUT_S)
+        logger.info("restored %d activations from %s", restored, config.db_path)
+        state.tell(Connect(writer=writer))
+
+        produce_timeout_ms = config.kafka_produce_timeout_ms
+        producer = KafkaProducer(
+            ProducerConfig(
+                bootstrap_servers=broker.kafka_bootstrap, delivery_timeout_ms=produce_timeout_ms
+            )
+        )
+        upkeep_actor = Upkeep.start(
+            UpkeepConfig(
+                retry_topic=config.retry_topic,
+                deadletter_topic=config.kafka_deadletter_topic,
+                interval_ms=config.upkeep_task_interval_ms,
+                deadline_reset_skip_after_startup_s=config.upkeep_deadline_reset_skip_after_startup_sec,
+                unhealthy_interval_ms=config.upkeep_unhealthy_interval_ms,
+                produce_timeout_ms=produce_timeout_ms,
+                state_ask_timeout_ms=config.grpc_state_ask_timeout_ms,
+                maintenance_interval_s=config.store.maintenance_interval_sec,
+                full_vacuum_interval_s=config.store.full_vacuum_interval_sec,
+            ),
+            state=state,
+            producer=producer,
+            writer=writer,
+            mailbox=mailboxes.upkeep.to_runtime(),
+        )
+        broker.actors.append(("upkeep", upkeep_actor))
+        heartbeat = upkeep_actor.proxy().heartbeat.get(timeout=10)
+
+        consumer = KafkaConsumer.start(
+            ConsumerConfig(
+                bootstrap_servers=broker.kafka_bootstrap,
+                topic=config.kafka_topic,
+                group_id=config.kafka_consumer_group,
+                dlq_topic=config.kafka_deadletter_topic,
+                session_timeout_ms=config.kafka_session_timeout_ms,
+                auto_offset_reset=config.kafka_auto_offset_reset.value,
+                batch=BatchLimits(
+                    max_len=config.db_insert_batch_max_len,
+                    max_bytes=config.db_insert_batch_max_size,
+                    max_time_ms=config.db_insert_batch_max_time_ms,
+                ),
+                max_delayed_task_allowed_s=config.max_delayed_task_allowed_sec,
+            ),
+            state,
+            KafkaProducer(
+                ProducerConfig(broker.kafka_bootstrap, delivery_timeout_ms=produce_timeout_ms)
+            ),
+            mailbox=mailboxes.consumer.to_runtime(),
+        )
+        broker.actors.append(("consumer", consumer))
+        persisted.target = consumer
+        state.tell(Connect(consumer=consumer))
+
+        frontend = GrpcFrontend.start(
+            FrontendConfig(
+                host=config.grpc_addr,
+                port=config.grpc_port,
+                max_workers=config.grpc_max_workers,
+                max_message_bytes=config.grpc_max_message_bytes,
+                state_ask_timeout_ms=config.grpc_state_ask_timeout_ms,
+                shared_secrets=config.grpc_shared_secret,
+                stop_grace_s=config.grpc_shutdown_grace_ms / 1000,
+            ),
+            state,
+            mailboxes.frontend.to_runtime(),
+        )
+        broker.actors.append(("frontend", frontend))
+        broker.grpc_port = frontend.proxy().port.get(timeout=10)
+
+        broker.health = HealthMonitor(
+            heartbeat, frontend, unhealthy_after_s=config.upkeep_unhealthy_interval_ms / 1000
+        )
+        broker.health.start()
+        broker.health.set_ready(True)
+        logger.info(
+            "taskbroker ready: gRPC %s:%d, Kafka %s (topic %s), SQLite %s",
+            config.grpc_addr,
+            broker.grpc_port,
+            broker.kafka_bootstrap,
+            config.kafka_topic,
+            config.db_path,
+        )
+
+    # --- watch and stop --------------------------------------------------------------------
+
+    def _watch(self, broker: Broker) -> bool:
+        """Wait for a stop request; True when it was an actor dying instead."""
+        while not self._stop_requested.wait(_WATCH_INTERVAL_S):
+            dead = [name for name, ref in broker.actors if not ref.is_alive()]
+            if dead:
+                logger.error(
+                    "actor %s stopped unexpectedly (its error is logged above); "
+                    "stopping the broker so that it is restarted",
+                    ", ".join(dead),
+                )
+                return True
+        logger.info("stop requested: shutting down")
+        return False
+
+    def stop(self, broker: Broker) -> None:
+        """Stop in reverse order; every step bounded, every step attempted."""
+        deadline = time.monotonic() + self._config.shutdown_timeout_ms / 1000
+        if broker.health is not None:
+            broker.health.set_ready(False)
+            broker.health.stop()
+        refs = dict(broker.actors)
+        for name in ("frontend", "upkeep"):
+            _stop_actor(name, refs.get(name), deadline)
+        if "consumer" in refs:
+            _best_effort(
+                "stop consuming", lambda: ask(refs["consumer"], StopConsuming(), _left(deadline))
+            )
+        if "state" in refs and "writer" in refs:
+            _best_effort("final flush", lambda: _drain(refs["state"], deadline))
+        for name in ("consumer", "state", "writer"):
+            _stop_actor(name, refs.get(name), deadline)
+        if broker.embedded_kafka is not None:
+            broker.embedded_kafka.stop()
+        logger.info("taskbroker stopped")
+
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # tests run the supervisor on a thread; they stop it with request_stop()
+            return
+
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            logger.info("%s received", signal.Signals(signum).name)
+            self.request_stop()
+
+        def dump_stacks(_signum: int, _frame: FrameType | None) -> None:
+            pykka.debug.log_thread_tracebacks()
+
+        previous = {
+            signal.SIGTERM: signal.signal(signal.SIGTERM, stop),
+            signal.SIGINT: signal.signal(signal.SIGINT, stop),
+            signal.SIGUSR1: signal.signal(signal.SIGUSR1, dump_stacks),
+        }
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.1)
+
+
+def _drain(state: pykka.ActorRef[Any], deadline: float) -> None:
+    while not ask(state, Drain(), _left(deadline)):
+        if time.monotonic() > deadline:
+            raise ActorUnavailable("the last changes were not flushed before the deadline")
+        time.sleep(0.02)
+
+
+def _best_effort(what: str, step: Callable[[], object]) -> None:
+    try:
+        step()
+    except (BrokerError, pykka.ActorDeadError) as error:
+        logger.warning("shutdown: %s failed: %s", what, error)
+
+
+def _stop_actor(name: str, ref: pykka.ActorRef[Any] | None, deadline: float) -> None:
+    if ref is None or not ref.is_alive():
+        return
+    try:
+        ref.stop(timeout=_left(deadline))
+    except pykka.Timeout:
+        logger.warning("shutdown: %s did not stop in time", name)
