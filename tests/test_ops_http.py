@@ -1,0 +1,305 @@
+"""The ops HTTP endpoint on a real loopback server, and `taskbroker status` against it.
+
+The server here watches real actors (a state actor and a small actor that can be held
+busy); the full broker under load is at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from typing import Any
+
+import pykka
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from actors.errors import ConfigError
+from actors.messages import Ingest
+from actors.metrics import ActorSnapshots, BrokerCollector, Metrics
+from actors.ops_http import OpsServer, render_html, status_document
+from actors.records import KafkaOffset, Offset, Partition
+from actors.runtime import BrokerActor, MailboxConfig, MailboxPolicy
+from actors.state import StateActor, StateConfig
+from actors.status import EXIT_OK, EXIT_UNREACHABLE, fetch_status, main_status, render_table
+from tests.factories import make_record
+
+TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    entered: threading.Event
+    release: threading.Event
+
+
+class Holder(BrokerActor):
+    def handle(self, message: object) -> object:
+        if isinstance(message, Hold):
+            message.entered.set()
+            message.release.wait(TIMEOUT_S)
+        return None
+
+
+@dataclass
+class Endpoint:
+    server: OpsServer
+    ready: threading.Event
+    registry: CollectorRegistry
+    actors: list[tuple[str, pykka.ActorRef[Any]]]
+    snapshots: ActorSnapshots
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Endpoint]:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    state = StateActor.start(StateConfig(), MailboxConfig(size=100), observer=metrics.mailbox)
+    holder = Holder.start(
+        "holder", MailboxConfig(size=1, policy=MailboxPolicy.DROP_NEWEST), metrics.mailbox
+    )
+    actors: list[tuple[str, pykka.ActorRef[Any]]] = [("state", state), ("holder", holder)]
+    snapshots = ActorSnapshots(state=state)
+    ready = threading.Event()
+    registry.register(BrokerCollector(lambda: actors, snapshots, ready.is_set))
+    server = OpsServer(
+        "127.0.0.1",
+        0,
+        registry,
+        status=lambda: status_document(actors, snapshots, ready.is_set()),
+        ready=ready.is_set,
+    )
+    server.start()
+    try:
+        yield Endpoint(server, ready, registry, actors, snapshots)
+    finally:
+        server.stop()
+        for _, ref in reversed(actors):
+            ref.stop(timeout=TIMEOUT_S)
+
+
+def get(url: str, accept: str | None = None) -> tuple[int, str, str]:
+    """(status code, content type, body) of a GET, error statuses included."""
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+def test_healthz_answers_while_the_process_lives(endpoint: Endpoint) -> None:
+    assert get(f"{endpoint.url}/healthz")[0] == 200
+
+
+def test_readyz_follows_readiness(endpoint: Endpoint) -> None:
+    assert get(f"{endpoint.url}/readyz")[0] == 503
+    endpoint.ready.set()
+    assert get(f"{endpoint.url}/readyz")[0] == 200
+    endpoint.ready.clear()
+    assert get(f"{endpoint.url}/readyz")[0] == 503
+
+
+def test_unknown_paths_are_404(endpoint: Endpoint) -> None:
+    assert get(f"{endpoint.url}/nothing-here")[0] == 404
+
+
+def test_status_json_carries_every_actor_and_the_counts(endpoint: Endpoint) -> None:
+    state = dict(endpoint.actors)["state"]
+    records = tuple(make_record(f"r{n}") for n in range(4))
+    state.tell(Ingest(records, (KafkaOffset(Partition(0), Offset(3)),)))
+    endpoint.snapshots.refresh()
+
+    code, content_type, body = get(f"{endpoint.url}/status")
+
+    assert code == 200
+    assert content_type == "application/json"
+    status = json.loads(body)
+    assert status["ready"] is False
+    assert [actor["name"] for actor in status["actors"]] == ["state", "holder"]
+    holder = status["actors"][1]
+    assert holder["alive"] is True
+    assert holder["mailbox"] == {
+        "name": "holder",
+        "size": 1,
+        "policy": "drop_newest",
+        "depth": 0,
+        "high_water": 0,
+        "overflows": 0,
+    }
+    assert status["counts_by_status"]["pending"] == 4
+    assert status["headline"]["dirty_records"] >= 0
+    assert status["headline"]["oldest_pending_age_s"] >= 0
+    assert set(status["snapshot_age_s"]) == {"state"}
+
+
+def test_status_counts_a_dropped_message_as_an_overflow(endpoint: Endpoint) -> None:
+    holder = dict(endpoint.actors)["holder"]
+    entered, release = threading.Event(), threading.Event()
+    holder.tell(Hold(entered, release))
+    assert entered.wait(TIMEOUT_S)
+    try:
+        holder.tell("fills the mailbox")
+        holder.tell("dropped")  # drop_newest: a tell is dropped without an error
+        status = json.loads(get(f"{endpoint.url}/status")[2])
+        scraped = get(f"{endpoint.url}/metrics")[2]
+    finally:
+        release.set()
+    mailbox = next(a for a in status["actors"] if a["name"] == "holder")["mailbox"]
+    assert (mailbox["depth"], mailbox["high_water"], mailbox["overflows"]) == (1, 1, 1)
+    assert 'taskbroker_mailbox_overflows_total{actor="holder",policy="drop_newest"} 1.0' in scraped
+
+
+class _PageParser(HTMLParser):
+    """Collects what a browser would fetch, the refresh header and the visible text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fetched: list[str] = []
+        self.tags: set[str] = set()
+        self.refresh: str | None = None
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        attributes = dict(attrs)
+        for name in ("src", "href", "action", "data"):
+            if attributes.get(name):
+                self.fetched.append(str(attributes[name]))
+        if tag == "meta" and attributes.get("http-equiv") == "refresh":
+            self.refresh = attributes.get("content")
+
+    def handle_data(self, data: str) -> None:
+        if data.strip():
+            self.text.append(data.strip())
+
+
+@pytest.mark.parametrize(("path", "accept"), [("/status.html", None), ("/status", "text/html")])
+def test_status_page_renders_without_a_network_and_refreshes_itself(
+    endpoint: Endpoint, path: str, accept: str | None
+) -> None:
+    endpoint.snapshots.refresh()
+    code, content_type, body = get(f"{endpoint.url}{path}", accept=accept)
+
+    assert code == 200
+    assert content_type.startswith("text/html")
+    page = _PageParser()
+    page.feed(body)
+    page.close()
+    assert page.fetched == []  # no stylesheet, script, image or font from anywhere
+    assert not page.tags & {"script", "link", "img", "iframe"}
+    assert page.refresh is not None
+    assert int(page.refresh) > 0
+    for expected in ("state", "holder", "drop_newest", "NOT READY", "pending"):
+        assert expected in page.text
+
+
+def test_status_page_escapes_what_it_shows() -> None:
+    status = {
+        "ready": True,
+        "actors": [{"name": "<script>x</script>", "alive": True, "mailbox": None}],
+        "counts_by_status": {},
+        "headline": {},
+    }
+    page = render_html(status)
+    assert "<script>" not in page
+    assert "&lt;script&gt;" in page
+
+
+def test_metrics_parse_as_prometheus_text(endpoint: Endpoint) -> None:
+    endpoint.snapshots.refresh()
+    code, content_type, body = get(f"{endpoint.url}/metrics")
+
+    assert code == 200
+    assert content_type.startswith("text/plain; version=")
+    families = {family.name: family for family in text_string_to_metric_families(body)}
+    assert families["taskbroker_ready"].samples[0].value == 0
+    depth = families["taskbroker_mailbox_depth_messages"]
+    assert {s.labels["actor"] for s in depth.samples} == {"state", "holder"}
+    assert families["taskbroker_state_activations"].type == "gauge"
+    assert families["taskbroker_mailbox_handling_seconds"].type == "histogram"
+    assert families["taskbroker_mailbox_overflows"].type == "counter"
+
+
+def test_a_port_in_use_fails_at_construction() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match="metrics_port"):
+            OpsServer("127.0.0.1", port, CollectorRegistry(), status=dict, ready=lambda: True)
+
+
+def test_stop_is_bounded_and_frees_the_port() -> None:
+    server = OpsServer("127.0.0.1", 0, CollectorRegistry(), status=dict, ready=lambda: True)
+    server.start()
+    port = server.port
+    assert get(f"{server.url}/healthz")[0] == 200
+
+    started = time.monotonic()
+    server.stop(timeout_s=2.0)
+
+    assert time.monotonic() - started < 2.0
+    with socket.socket() as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
+    assert "ops-http" not in {t.name for t in threading.enumerate()}
+
+
+# --- taskbroker status -----------------------------------------------------------------------
+
+
+def test_fetch_status_and_render_the_table(endpoint: Endpoint) -> None:
+    endpoint.ready.set()
+    endpoint.snapshots.refresh()
+
+    status = fetch_status(endpoint.url, timeout_s=TIMEOUT_S)
+    table = render_table(status)
+
+    lines = table.splitlines()
+    assert lines[0].startswith("taskbroker: ready")
+    header = next(line for line in lines if line.startswith("ACTOR"))
+    assert header.split() == [
+        "ACTOR",
+        "ALIVE",
+        "DEPTH",
+        "SIZE",
+        "HIGH",
+        "WATER",
+        "POLICY",
+        "OVERFLOWS",
+    ]
+    holder_row = next(line for line in lines if line.startswith("holder"))
+    assert holder_row.split() == ["holder", "yes", "0", "1", "0", "drop_newest", "0"]
+    assert any(line.split() == ["pending", "0"] for line in lines)
+
+
+def test_main_status_prints_the_table_or_json(
+    endpoint: Endpoint, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main_status(["--url", endpoint.url]) == EXIT_OK
+    assert "ACTOR" in capsys.readouterr().out
+
+    assert main_status(["--url", endpoint.url, "--json"]) == EXIT_OK
+    assert {a["name"] for a in json.loads(capsys.readouterr().out)["actors"]} == {"state", "holder"}
+
+
+def test_main_status_reports_an_unreachable_broker(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    code = main_status(["--url", f"http://127.0.0.1:{port}", "--timeout", "1"])
+    assert code == EXIT_UNREACHABLE
+    assert f"127.0.0.1:{port}/status" in capsys.readouterr().err
