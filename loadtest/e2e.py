@@ -1,0 +1,409 @@
+"""End-to-end load test: Kafka → broker → simulated workers, until every task is complete.
+
+Run with `python -m loadtest e2e --store-mode memory --workers 256 --tasks 20000`. It starts
+the embedded Kafka and a `taskbroker run` process (or uses `--target` and `--kafka` that
+already run), produces the tasks, runs the workers, and reports tasks/s, per-RPC latency
+percentiles, errors by status code, lost and duplicated activations, and the broker's CPU
+and memory. Everything it started is stopped in `finally` blocks; the broker runs in its
+own process group so that nothing of it outlives the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from actors.embedded_kafka import EmbeddedKafka, free_port
+from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
+from loadtest.producer import TaskSpec, produce_tasks, task_ids
+from loadtest.report import machine
+from loadtest.workers import Progress, WorkerReport, run_workers
+
+_HOST = "127.0.0.1"
+_READY_TIMEOUT_S = 90.0
+_STOP_GRACE_S = 30.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSetup:
+    """How the broker under test is configured; one broker process serves several phases."""
+
+    store_mode: str = "memory"
+    commit_delay_ms: int = 0
+    grpc_max_workers: int | None = None
+    """Broker handler threads; None keeps the broker's default."""
+    max_tasks: int = 20_000
+    max_workers: int = 768
+    """The largest phase, so that no `max_*_count` limit pauses ingest during a run."""
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """One measured run of workers against a broker, until `tasks` tasks are complete."""
+
+    workers: int = 256
+    processes: int = 4
+    tasks: int = 20_000
+    work_ms: float = 0.0
+    param_bytes: int = 512
+    max_seconds: float = 120.0
+
+    @property
+    def threads_per_process(self) -> int:
+        return math.ceil(self.workers / self.processes)
+
+
+_DEFAULT = Phase()
+_WARM_UP = Phase(workers=4, processes=1, tasks=50, max_seconds=60.0)
+"""Before the first measured phase: the consumer has joined its group and is consuming."""
+
+
+# --- the broker process ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerProcess:
+    pid: int
+    target: str
+    log_path: Path
+
+
+def broker_environment(
+    setup: BrokerSetup, bootstrap: str, topic: str, port: int, db_path: Path
+) -> dict[str, str]:
+    """The broker's configuration for one run, as TASKBROKER_ variables."""
+    settings = {
+        "KAFKA_CLUSTER": bootstrap,
+        "KAFKA_TOPIC": topic,
+        "KAFKA_DEADLETTER_TOPIC": f"{topic}-dlq",
+        "KAFKA_CONSUMER_GROUP": topic,
+        "KAFKA_AUTO_OFFSET_RESET": "earliest",
+        "GRPC_ADDR": _HOST,
+        "GRPC_PORT": str(port),
+        "METRICS_PORT": "0",
+        "DB_PATH": str(db_path),
+        "STORE_MODE": setup.store_mode,
+        "STORE__DEBUG_COMMIT_DELAY_MS": str(setup.commit_delay_ms),
+        # Room for the whole run: the test is about serving, not about ingest pausing.
+        "MAX_PENDING_COUNT": str(max(2 * setup.max_tasks, 2048)),
+        "MAX_PROCESSING_COUNT": str(max(4 * setup.max_workers, 2048)),
+        "LOG_LEVEL": "WARNING",
+    }
+    if setup.grpc_max_workers is not None:
+        settings["GRPC_MAX_WORKERS"] = str(setup.grpc_max_workers)
+    return {f"TASKBROKER_{key}": value for key, value in settings.items()}
+
+
+def _broker_command() -> list[str]:
+    # The console script installed beside this interpreter, so the venv's broker runs.
+    return [str(Path(sys.executable).with_name("taskbroker")), "run"]
+
+
+@contextmanager
+def broker_process(
+    setup: BrokerSetup, bootstrap: str, topic: str, workdir: Path
+) -> Iterator[BrokerProcess]:
+    """A `taskbroker run` in its own process group; stopped with SIGTERM, then SIGKILL."""
+    port = free_port(_HOST)
+    env = {**os.environ, **broker_environment(setup, bootstrap, topic, port, workdir / "db")}
+    log_path = workdir / "broker.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            _broker_command(),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    target = f"{_HOST}:{port}"
+    try:
+        _wait_serving(target, process, log_path)
+        yield BrokerProcess(process.pid, target, log_path)
+    finally:
+        _stop_group(process)
+
+
+def _wait_serving(target: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"the broker exited with {process.returncode}: {_tail(log_path)}"
+                )
+            try:
+                answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            except grpc.RpcError:
+                answer = None
+            if answer is not None and answer.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.2)
+    raise RuntimeError(f"the broker was not SERVING within {_READY_TIMEOUT_S} s: {_tail(log_path)}")
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(_STOP_GRACE_S)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --- the broker's CPU and memory ------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far, from /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # Fields after the command name, which is in parentheses and may hold spaces.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / _CLOCK_TICKS
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Resident memory now and at its peak, from /proc/<pid>/status."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024
+    return {"rss_mb": round(values["VmRSS"], 1), "rss_peak_mb": round(values["VmHWM"], 1)}
+
+
+# --- one run --------------------------------------------------------------------------------
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
+    ordered = sorted(values)
+
+    def at(fraction: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 2)
+
+    return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": round(ordered[-1], 2)}
+
+
+def _progress_line(total: int) -> Any:
+    def show(progress: Progress) -> None:
+        rate = progress.completed / progress.elapsed_s if progress.elapsed_s else 0.0
+        width = 30
+        filled = int(width * min(progress.completed / total, 1.0)) if total else width
+        bar = "#" * filled + "." * (width - filled)
+        print(
+            f"\r  [{bar}] {progress.completed:>8,}/{total:,} {rate:8,.0f}/s "
+            f"{progress.elapsed_s:6.1f} s",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show
+
+
+def summarize(
+    phase: Phase,
+    produced: list[str],
+    report: WorkerReport,
+    started_wall: float,
+    stopped_wall: float,
+) -> dict[str, Any]:
+    """The phase's numbers: every produced id must be completed once and handed out once."""
+    produced_set, completed_set = set(produced), set(report.completed)
+    completed = len(completed_set & produced_set)
+    finished_at = report.last_completion if report.completed else stopped_wall
+    seconds = max(finished_at - started_wall, 1e-9)
+    all_latencies = [v for values in report.latencies_ms.values() for v in values]
+    lost = len(produced_set - completed_set)
+    return {
+        "workers": phase.workers,
+        "processes": phase.processes,
+        "tasks": phase.tasks,
+        "work_ms": phase.work_ms,
+        "param_bytes": phase.param_bytes,
+        "completed": completed,
+        "timed_out": lost > 0,
+        "seconds": round(seconds, 3),
+        "tasks_per_s": round(completed / seconds, 1),
+        "latency_ms": percentiles(all_latencies),
+        "latency_ms_by_method": {m: percentiles(v) for m, v in report.latencies_ms.items()},
+        "rpcs": len(all_latencies),
+        "errors": sum(report.errors.values()),
+        "errors_by_code": dict(report.errors),
+        "empty_polls": report.empty_polls,
+        "lost": lost,
+        "duplicates": len(report.received) - len(set(report.received)),
+        "unexpected": len(completed_set - produced_set),
+    }
+
+
+class Session:
+    """A broker under test and the Kafka topic it consumes; each `run` is one phase."""
+
+    def __init__(
+        self, setup: BrokerSetup, bootstrap: str, topic: str, target: str, broker_pid: int | None
+    ) -> None:
+        self.setup = setup
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._target = target
+        self._broker_pid = broker_pid
+        self._runs = 0
+
+    def __repr__(self) -> str:
+        return f"<Session {self.setup.store_mode} at {self._target}, topic {self._topic}>"
+
+    def run(self, phase: Phase, *, progress: bool = True) -> dict[str, Any]:
+        """Produce the phase's tasks, then run its workers until all are complete (or time
+        is up); the result also carries the broker's CPU and memory over the phase."""
+        self._runs += 1
+        ids = task_ids(f"{self._topic}-{self._runs}", phase.tasks)
+        produce_tasks(self._bootstrap, self._topic, ids, TaskSpec(param_bytes=phase.param_bytes))
+        pid = self._broker_pid
+        cpu_before = cpu_seconds(pid) if pid is not None else 0.0
+        report, started_wall, stopped_wall = run_workers(
+            self._target,
+            processes=phase.processes,
+            threads=phase.threads_per_process,
+            work_ms=phase.work_ms,
+            until_completed=phase.tasks,
+            max_seconds=phase.max_seconds,
+            on_progress=_progress_line(phase.tasks) if progress else None,
+        )
+        if progress:
+            print(file=sys.stderr)
+        result = {
+            "store_mode": self.setup.store_mode,
+            "commit_delay_ms": self.setup.commit_delay_ms,
+            **summarize(phase, ids, report, started_wall, stopped_wall),
+        }
+        if pid is not None:
+            cpu_s = cpu_seconds(pid) - cpu_before
+            result["broker"] = {
+                "cpu_s": round(cpu_s, 2),
+                "cpu_percent": round(100 * cpu_s / max(stopped_wall - started_wall, 1e-9), 1),
+                **memory_mb(pid),
+            }
+        return result
+
+
+@contextmanager
+def session(
+    setup: BrokerSetup,
+    *,
+    bootstrap: str | None = None,
+    target: str | None = None,
+    topic: str | None = None,
+    broker_pid: int | None = None,
+) -> Iterator[Session]:
+    """A warmed-up broker to run phases against. Without `bootstrap` it starts the embedded
+    Kafka; without `target` it starts a broker on a new topic. With `target`, `topic` names
+    the topic that broker consumes."""
+    with ExitStack() as stack:
+        if bootstrap is None:
+            bootstrap = stack.enter_context(EmbeddedKafka(port=free_port(_HOST))).bootstrap
+        if target is None:
+            topic = f"loadtest-{uuid.uuid4().hex[:8]}"
+            _create_topics(bootstrap, topic)
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loadtest-")))
+            broker = stack.enter_context(broker_process(setup, bootstrap, topic, workdir))
+            target, broker_pid = broker.target, broker.pid
+        if topic is None:
+            raise ValueError("a --target broker needs the topic it consumes")
+        under_test = Session(setup, bootstrap, topic, target, broker_pid)
+        under_test.run(_WARM_UP, progress=False)
+        yield under_test
+
+
+def _create_topics(bootstrap: str, topic: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics([NewTopic(topic, 1), NewTopic(f"{topic}-dlq", 1)])
+    for future in futures.values():
+        future.result(timeout=30)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest e2e", description=__doc__)
+    parser.add_argument("--json", type=Path, help="write the result to this file")
+    parser.add_argument("--store-mode", choices=("memory", "sqlite-direct"), default="memory")
+    parser.add_argument("--workers", type=int, default=_DEFAULT.workers, help="concurrent workers")
+    parser.add_argument(
+        "--processes", type=int, default=_DEFAULT.processes, help="worker processes"
+    )
+    parser.add_argument("--tasks", type=int, default=_DEFAULT.tasks)
+    parser.add_argument("--work-ms", type=float, default=0.0, help="simulated work per task")
+    parser.add_argument("--commit-delay-ms", type=int, default=0, help="SQLite commit delay")
+    parser.add_argument("--param-bytes", type=int, default=_DEFAULT.param_bytes)
+    parser.add_argument("--max-seconds", type=float, default=_DEFAULT.max_seconds)
+    parser.add_argument("--grpc-max-workers", type=int, help="broker handler threads")
+    parser.add_argument("--target", help="HOST:PORT of a running broker (with --kafka, --topic)")
+    parser.add_argument("--kafka", help="bootstrap servers of a running Kafka")
+    parser.add_argument("--topic", help="the topic the --target broker consumes")
+    parser.add_argument("--broker-pid", type=int, help="pid of the --target broker, for CPU/RSS")
+    args = parser.parse_args(argv)
+    if args.target and not (args.kafka and args.topic):
+        parser.error("--target needs --kafka and --topic")
+    phase = Phase(
+        workers=args.workers,
+        processes=min(args.processes, args.workers),
+        tasks=args.tasks,
+        work_ms=args.work_ms,
+        param_bytes=args.param_bytes,
+        max_seconds=args.max_seconds,
+    )
+    setup = BrokerSetup(
+        store_mode=args.store_mode,
+        commit_delay_ms=args.commit_delay_ms,
+        grpc_max_workers=args.grpc_max_workers,
+        max_tasks=args.tasks,
+        max_workers=args.workers,
+    )
+    with session(
+        setup,
+        bootstrap=args.kafka,
+        target=args.target,
+        topic=args.topic,
+        broker_pid=args.broker_pid,
+    ) as under_test:
+        result = under_test.run(phase)
+    print(json.dumps(result, indent=2))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**result, "machine": machine()}, indent=2) + "\n")
+    return 0 if result["lost"] == 0 and result["duplicates"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Simulated workers: K processes x C threads, each thread a worker that loops GetTask →
+(simulated work) → SetTaskStatus(COMPLETE, fetch_next_task) until told to stop.
+
+Every RPC's latency and status is recorded, and every task id received and completed, so
+the run can account for each activation. Latencies cover every answered RPC except a
+GetTask answered NOT_FOUND (nothing pending): those are counted as empty polls instead,
+because at the end of a run idle workers would otherwise fill the percentiles with cheap
+answers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.sharedctypes import SynchronizedArray
+from multiprocessing.synchronize import Event as EventType
+from typing import Any
+
+import grpc
+
+from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
+from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2_grpc as pb_grpc
+from loadtest.producer import APPLICATION
+
+_RPC_TIMEOUT_S = 10.0
+_START_TIMEOUT_S = 60.0
+_EMPTY_POLL_SLEEP_S = 0.02
+"""After NOT_FOUND a worker waits before asking again, as a real worker does."""
+_ERROR_SLEEP_S = 0.01
+_PUBLISH_INTERVAL_S = 0.1
+# Statuses after which a worker sends the same result again (WIRE.md: workers retry).
+_RETRIED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPlan:
+    target: str
+    threads: int
+    work_s: float
+
+
+@dataclass
+class WorkerReport:
+    """One process's record of a run; latencies in milliseconds by method."""
+
+    latencies_ms: dict[str, list[float]] = field(default_factory=dict)
+    errors: Counter[str] = field(default_factory=Counter)
+    empty_polls: int = 0
+    received: list[str] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+    last_completion: float = 0.0
+    """Wall-clock time of this process's last completed task."""
+
+    def merge(self, other: WorkerReport) -> None:
+        for method, values in other.latencies_ms.items():
+            self.latencies_ms.setdefault(method, []).extend(values)
+        self.errors.update(other.errors)
+        self.empty_polls += other.empty_polls
+        self.received += other.received
+        self.completed += other.completed
+        self.last_completion = max(self.last_completion, other.last_completion)
+
+
+class _Worker:
+    """One simulated worker; its lists are its own, merged once it has stopped."""
+
+    def __init__(self, stub: pb_grpc.ConsumerServiceStub, plan: WorkerPlan) -> None:
+        self._stub = stub
+        self._work_s = plan.work_s
+        self.report = WorkerReport(latencies_ms={"GetTask": [], "SetTaskStatus": []})
+        self.completed_count = 0
+
+    def run(self, stop: threading.Event) -> None:
+        held: pb.TaskActivation | None = None
+        while not stop.is_set():
+            held = self._get_task() if held is None else self._complete(held)
+
+    def _get_task(self) -> pb.TaskActivation | None:
+        started = time.perf_counter()
+        try:
+            task = self._stub.GetTask(
+                pb.GetTaskRequest(application=APPLICATION), timeout=_RPC_TIMEOUT_S
+            ).task
+        except grpc.RpcError as error:
+            code = error.code()
+            if code is grpc.StatusCode.NOT_FOUND:
+                self.report.empty_polls += 1
+                time.sleep(_EMPTY_POLL_SLEEP_S)
+            else:
+                self._failed("GetTask", code, started)
+            return None
+        self._answered("GetTask", started)
+        self.report.received.append(task.id)
+        return task
+
+    def _complete(self, task: pb.TaskActivation) -> pb.TaskActivation | None:
+        if self._work_s:
+            time.sleep(self._work_s)
+        started = time.perf_counter()
+        request = pb.SetTaskStatusRequest(
+            id=task.id,
+            status=pb.TASK_ACTIVATION_STATUS_COMPLETE,
+            fetch_next_task=pb.FetchNextTask(application=APPLICATION),
+        )
+        try:
+            response = self._stub.SetTaskStatus(request, timeout=_RPC_TIMEOUT_S)
+        except grpc.RpcError as error:
+            code = error.code()
+            self._failed("SetTaskStatus", code, started)
+            return task if code in _RETRIED_CODES else None
+        self._answered("SetTaskStatus", started)
+        self.report.completed.append(task.id)
+        self.report.last_completion = time.time()
+        self.completed_count += 1
+        if not response.HasField("task"):
+            return None
+        self.report.received.append(response.task.id)
+        return response.task
+
+    def _answered(self, method: str, started: float) -> None:
+        self.report.latencies_ms[method].append((time.perf_counter() - started) * 1000)
+
+    def _failed(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        self._answered(method, started)
+        self.report.errors[code.name] += 1
+        time.sleep(_ERROR_SLEEP_S)
+
+
+@dataclass(frozen=True, slots=True)
+class _Signals:
+    """What the parent and the worker processes share."""
+
+    ready: Any  # a multiprocessing Queue: each process puts its index once connected
+    go: EventType
+    stop: EventType
+    completed: SynchronizedArray[int]  # completions so far, one slot per process
+    reports: Any  # a multiprocessing Queue of WorkerReport
+
+
+def _worker_process(index: int, plan: WorkerPlan, signals: _Signals) -> None:
+    ready, go, stop = signals.ready, signals.go, signals.stop
+    completed, reports = signals.completed, signals.reports
+    channel = grpc.insecure_channel(plan.target)
+    grpc.channel_ready_future(channel).result(timeout=_START_TIMEOUT_S)
+    stub = pb_grpc.ConsumerServiceStub(channel)
+    workers = [_Worker(stub, plan) for _ in range(plan.threads)]
+    local_stop = threading.Event()
+    threads = [
+        threading.Thread(target=w.run, args=(local_stop,), name=f"worker-{index}-{n}")
+        for n, w in enumerate(workers)
+    ]
+    ready.put(index)
+    go.wait(_START_TIMEOUT_S)
+    for thread in threads:
+        thread.start()
+    # The main thread publishes this process's completions for the parent's progress and
+    # end condition; a racy read of a worker's counter only delays the number a little.
+    while not stop.wait(_PUBLISH_INTERVAL_S):
+        completed[index] = sum(w.completed_count for w in workers)
+    local_stop.set()
+    for thread in threads:
+        thread.join(_RPC_TIMEOUT_S + 1)
+    channel.close()
+    report = WorkerReport()
+    for worker in workers:
+        report.merge(worker.report)
+    reports.put(report)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    completed: int
+    elapsed_s: float
+
+
+def run_workers(
+    target: str,
+    *,
+    processes: int,
+    threads: int,
+    work_ms: float,
+    until_completed: int,
+    max_seconds: float,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> tuple[WorkerReport, float, float]:
+    """Run the workers until `until_completed` tasks are complete or `max_seconds` pass.
+
+    Returns the merged report, the wall-clock time the workers started, and when the run
+    stopped. Every process is joined, or killed if it does not end in time.
+    """
+    # spawn, not fork: grpc in a forked child is not safe.
+    context = multiprocessing.get_context("spawn")
+    ready, reports = context.Queue(), context.Queue()
+    go, stop = context.Event(), context.Event()
+    completed = context.Array("q", processes)
+    signals = _Signals(ready, go, stop, completed, reports)
+    plan = WorkerPlan(target, threads, work_ms / 1000)
+    children = [
+        context.Process(
+            target=_worker_process,
+            args=(index, plan, signals),
+            name=f"loadtest-workers-{index}",
+            daemon=True,
+        )
+        for index in range(processes)
+    ]
+    for child in children:
+        child.start()
+    merged = WorkerReport()
+    try:
+        for _ in children:
+            ready.get(timeout=_START_TIMEOUT_S)
+        started_wall, started = time.time(), time.monotonic()
+        go.set()
+        while (elapsed := time.monotonic() - started) < max_seconds:
+            done = sum(completed[:])
+            if on_progress is not None:
+                on_progress(Progress(done, elapsed))
+            if done >= until_completed:
+                break
+            time.sleep(0.2)
+        stop.set()
+        stopped_wall = time.time()
+        for _ in children:
+            merged.merge(reports.get(timeout=_RPC_TIMEOUT_S + 30))
+    finally:
+        stop.set()
+        go.set()
+        for child in children:
+            child.join(timeout=_RPC_TIMEOUT_S)
+            if child.is_alive():
+                child.kill()
+                child.join(timeout=_RPC_TIMEOUT_S)
+    return merged, started_wall, stopped_wall
