@@ -83,7 +83,7 @@ def start_broker() -> Iterator[StartBroker]:
 
     def start(
         *,
-        coalesce: bool = False,
+        coalesce: bool = True,
         shared_secrets: tuple[str, ...] = (),
         state_ask_timeout_ms: int = 2000,
         state_mailbox: MailboxConfig | None = None,
