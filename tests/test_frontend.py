@@ -629,6 +629,34 @@ def test_a_caller_that_waited_too_long_gets_unavailable_and_is_not_sent() -> Non
     coalescer.stop()
 
 
+def test_every_caller_gets_its_own_answer_under_contention() -> None:
+    batch_sizes: list[int] = []
+
+    def send(items: tuple[int, ...], timeout_s: float) -> list[int]:
+        time.sleep(0.0005)  # long enough for callers to pile up behind the sender
+        return [-item for item in items]
+
+    coalescer: Coalescer[int, int] = Coalescer("test", send, 8, on_batch=batch_sizes.append)
+    wrong: list[tuple[int, int]] = []
+
+    def caller(base: int) -> None:
+        for item in range(base, base + 200):
+            answer = coalescer.submit(item, TIMEOUT_S)
+            if answer != -item:
+                wrong.append((item, answer))
+
+    threads = [threading.Thread(target=caller, args=(n * 1000,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT_S * 2)
+    coalescer.stop()
+    assert wrong == []
+    assert sum(batch_sizes) == 16 * 200
+    assert max(batch_sizes) == 8  # batches formed, and none beyond max_batch
+    assert coalescer.queued == 0
+
+
 def wait_until(condition: Callable[[], bool]) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     while not condition():
