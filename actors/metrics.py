@@ -310,7 +310,11 @@ class _Source(Generic[T]):
 
 class ActorSnapshots:
     """Asks the state, consumer and writer for their numbers every `interval_s` on a daemon
-    thread, each answer bounded by `ask_timeout_s`; readers get the latest answers."""
+    thread, each answer bounded by `ask_timeout_s`; readers get the latest answers.
+
+    Sources may be added as their actors start (`watch`), so the poller can exist, and
+    scrapes be answered, before the broker has finished starting.
+    """
 
     def __init__(
         self,
@@ -324,21 +328,32 @@ class ActorSnapshots:
     ) -> None:
         if not interval_s > 0 or not ask_timeout_s > 0:
             raise ValueError("snapshot interval_s and ask_timeout_s must be positive")
-        self._state: _Source[StateStats] | None = (
-            None if state is None else _Source("state", state, Stats())
-        )
-        self._consumer: _Source[ConsumerStats] | None = (
-            None if consumer is None else _Source("consumer", consumer, ConsumerStatsQuery())
-        )
-        self._writer: _Source[StoreSizes] | None = (
-            None if writer is None else _Source("writer", writer, StoreSizesQuery())
-        )
+        self._state: _Source[StateStats] | None = None
+        self._consumer: _Source[ConsumerStats] | None = None
+        self._writer: _Source[StoreSizes] | None = None
         self._interval_s = interval_s
         self._ask_timeout_s = ask_timeout_s
         self._monotonic = monotonic
         self._round_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="metrics-snapshots", daemon=True)
+        self.watch(state=state, consumer=consumer, writer=writer)
+
+    def watch(
+        self,
+        *,
+        state: pykka.ActorRef[Any] | None = None,
+        consumer: pykka.ActorRef[Any] | None = None,
+        writer: pykka.ActorRef[Any] | None = None,
+    ) -> None:
+        """Poll these actors from the next round on."""
+        with self._round_lock:
+            if state is not None:
+                self._state = _Source("state", state, Stats())
+            if consumer is not None:
+                self._consumer = _Source("consumer", consumer, ConsumerStatsQuery())
+            if writer is not None:
+                self._writer = _Source("writer", writer, StoreSizesQuery())
 
     def __repr__(self) -> str:
         ages = {name: f"{age:.1f}s" for name, age in self.ages_s().items()}

@@ -29,7 +29,7 @@ import pykka
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from actors.errors import ConfigError
-from actors.metrics import ActorSnapshots
+from actors.metrics import ActorSnapshots, BrokerCollector, Metrics
 from actors.runtime import mailbox_stats_of
 
 logger = logging.getLogger(__name__)
@@ -266,6 +266,55 @@ class OpsServer:
             if self._thread.is_alive():
                 logger.warning("the ops HTTP server did not stop within %.1f s", timeout_s)
         self._server.server_close()
+
+
+class OpsEndpoint:
+    """Everything the supervisor wires for operations, built before the first actor so
+    that /healthz answers during a long restore: the registry with every metric, the
+    observers to hand to the actors, the snapshot poller, and the HTTP server.
+
+    `port` None builds the metrics and observers but serves nothing (the configuration's
+    `metrics_port = 0`); a number binds at once (0: a free port).
+    """
+
+    def __init__(
+        self,
+        actors: Callable[[], Sequence[tuple[str, pykka.ActorRef[Any]]]],
+        ready: Callable[[], bool],
+        host: str,
+        port: int | None,
+        snapshot_interval_s: float = 1.0,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.snapshots = ActorSnapshots(interval_s=snapshot_interval_s)
+        self.registry.register(BrokerCollector(actors, self.snapshots, ready))
+        self.server: OpsServer | None = None
+        if port is not None:
+            self.server = OpsServer(
+                host,
+                port,
+                self.registry,
+                status=lambda: status_document(actors(), self.snapshots, ready()),
+                ready=ready,
+            )
+
+    def __repr__(self) -> str:
+        return f"<OpsEndpoint {self.server!r}>"
+
+    @property
+    def url(self) -> str | None:
+        return None if self.server is None else self.server.url
+
+    def start(self) -> None:
+        if self.server is not None:
+            self.server.start()
+            self.snapshots.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.snapshots.stop()
 
 
 class _Server(ThreadingHTTPServer):

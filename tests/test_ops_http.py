@@ -6,6 +6,7 @@ busy); the full broker under load is at the end.
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import threading
@@ -20,10 +21,12 @@ from typing import Any
 import pykka
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.errors import ConfigError
-from actors.messages import Ingest
+from actors.embedded_kafka import EmbeddedKafka
+from actors.errors import ConfigError, MailboxFull
+from actors.messages import Ingest, SetServing
 from actors.metrics import ActorSnapshots, BrokerCollector, Metrics
 from actors.ops_http import OpsServer, render_html, status_document
 from actors.records import KafkaOffset, Offset, Partition
@@ -31,6 +34,16 @@ from actors.runtime import BrokerActor, MailboxConfig, MailboxPolicy
 from actors.state import StateActor, StateConfig
 from actors.status import EXIT_OK, EXIT_UNREACHABLE, fetch_status, main_status, render_table
 from tests.factories import make_record
+from tests.ops_support import (
+    LoadDone,
+    RunningBroker,
+    http_get,
+    put_load,
+    running_broker,
+    sample,
+    scrape,
+    settled_families,
+)
 
 TIMEOUT_S = 5.0
 
@@ -303,3 +316,159 @@ def test_main_status_reports_an_unreachable_broker(capsys: pytest.CaptureFixture
     code = main_status(["--url", f"http://127.0.0.1:{port}", "--timeout", "1"])
     assert code == EXIT_UNREACHABLE
     assert f"127.0.0.1:{port}/status" in capsys.readouterr().err
+
+
+# --- a full broker under a little load ---------------------------------------------------------
+
+ACTOR_NAMES = ("state", "writer", "upkeep", "consumer", "frontend")
+
+
+@pytest.fixture(scope="module")
+def loaded_broker(
+    kafka: EmbeddedKafka, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RunningBroker, LoadDone, dict[str, Metric]]]:
+    with running_broker(kafka, tmp_path_factory.mktemp("ops")) as running:
+        load = put_load(running, kafka)
+        yield running, load, settled_families(running, load)
+
+
+def _value(families: dict[str, Metric], family: str, suffix: str = "", **labels: str) -> float:
+    value = sample(families, family, f"{family}{suffix}", **labels)
+    assert value is not None, f"no {family}{suffix} sample with {labels}"
+    return value
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_running_broker_exports_every_metric_family_with_plausible_values(
+    loaded_broker: tuple[RunningBroker, LoadDone, dict[str, Metric]],
+) -> None:
+    _, load, families = loaded_broker
+    v = functools.partial(_value, families)
+
+    assert v("taskbroker_ready") == 1
+    for actor in ACTOR_NAMES:
+        assert v("taskbroker_actor_up", actor=actor) == 1
+        assert v("taskbroker_mailbox_depth_messages", actor=actor) >= 0
+        assert v("taskbroker_mailbox_high_water_messages", actor=actor) >= 1
+        assert v("taskbroker_mailbox_overflows", "_total", actor=actor) >= 0
+        handled = families["taskbroker_mailbox_handling_seconds"].samples
+        assert any(s.labels.get("actor") == actor for s in handled), actor
+    assert v("taskbroker_mailbox_capacity_messages", actor="frontend", policy="fail") == 1
+    assert v("taskbroker_mailbox_wait_seconds", "_count", actor="state", message="Ingest") >= 1
+    assert v("taskbroker_mailbox_handling_seconds", "_count", actor="writer", message="Flush") >= 1
+
+    # state
+    pending = v("taskbroker_state_activations", status="pending")
+    assert pending == load.produced - load.completed
+    assert v("taskbroker_state_activations", status="processing") == 0
+    assert (
+        v(
+            "taskbroker_state_namespace_activations",
+            application="",
+            namespace="ops-test",
+            status="pending",
+        )
+        == pending
+    )
+    assert 0 < v("taskbroker_state_oldest_pending_age_seconds") < 120
+    assert v("taskbroker_state_claims", "_total", result="hit") == load.completed
+    assert v("taskbroker_state_claims", "_total", result="miss") >= 1
+    assert v("taskbroker_state_conclusions", "_total", outcome="applied") == load.completed
+
+    # writer and store
+    assert v("taskbroker_writer_flush_duration_seconds", "_count") >= 1
+    assert v("taskbroker_writer_flush_rows", "_sum") >= load.produced
+    assert v("taskbroker_writer_flush_bytes", "_sum") > 0
+    assert v("taskbroker_writer_flush_failures", "_total") == 0
+    assert v("taskbroker_store_database_bytes") > 0
+    assert v("taskbroker_store_wal_bytes") >= 0
+
+    # Kafka
+    assert v("taskbroker_kafka_messages_consumed", "_total") == load.produced + load.undecodable
+    assert v("taskbroker_kafka_activations_ingested", "_total") == load.produced
+    assert v("taskbroker_kafka_decode_failures", "_total", reason="not a TaskActivation") == 1
+    assert v("taskbroker_kafka_dead_lettered", "_total") == 1
+    assert v("taskbroker_kafka_assigned_partitions") == 1
+    assert v("taskbroker_kafka_paused_partitions") == 0
+    assert v("taskbroker_kafka_committed_offset", partition="0") == load.produced + 1
+
+    # gRPC
+    requests = "taskbroker_grpc_requests"
+    assert v(requests, "_total", method="SetTaskStatus", code="OK") == load.completed
+    assert v(requests, "_total", method="GetTask", code="OK") >= 1
+    assert v(requests, "_total", method="GetTask", code="NOT_FOUND") >= 1
+    latency = "taskbroker_grpc_request_duration_seconds"
+    assert v(latency, "_count", method="SetTaskStatus", code="OK") == load.completed
+    assert 0 < v(latency, "_sum", method="SetTaskStatus", code="OK") < load.completed * 1.0
+
+    # upkeep
+    assert v("taskbroker_upkeep_tick_duration_seconds", "_count") >= 1
+    assert abs(time.time() - v("taskbroker_upkeep_last_tick_timestamp_seconds")) < 10
+    for kind in ("deadline_reset", "expired", "delay_due", "failed_by_deadline", "produced"):
+        assert v("taskbroker_upkeep_transitions", "_total", kind=kind) == 0
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_running_brokers_status_carries_every_actor(
+    loaded_broker: tuple[RunningBroker, LoadDone, dict[str, Metric]],
+) -> None:
+    running, load, _ = loaded_broker
+    code, body = http_get(f"{running.metrics_url}/status")
+    assert code == 200
+    status = json.loads(body)
+
+    assert status["ready"] is True
+    assert [a["name"] for a in status["actors"]] == list(ACTOR_NAMES)
+    for actor in status["actors"]:
+        assert actor["alive"] is True
+        assert set(actor["mailbox"]) == {
+            "name",
+            "size",
+            "policy",
+            "depth",
+            "high_water",
+            "overflows",
+        }
+        assert actor["mailbox"]["name"] == actor["name"]
+    assert status["counts_by_status"]["pending"] == load.produced - load.completed
+    assert status["headline"]["kafka_consumed"] == load.produced + load.undecodable
+    assert render_table(status).count("\n") > len(ACTOR_NAMES)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_a_mailbox_overflow_on_a_running_broker_moves_its_counter(
+    loaded_broker: tuple[RunningBroker, LoadDone, dict[str, Metric]],
+) -> None:
+    running, _, _ = loaded_broker
+    frontend = running.broker.ref("frontend")  # mailbox size 1, policy fail
+    before = _value(
+        scrape(running.metrics_url),
+        "taskbroker_mailbox_overflows",
+        "_total",
+        actor="frontend",
+        policy="fail",
+    )
+
+    refused = 0
+    deadline = time.monotonic() + 5.0
+    while refused == 0 and time.monotonic() < deadline:
+        try:
+            frontend.tell(SetServing(serving=True))  # what health already says: harmless
+        except MailboxFull:
+            refused += 1
+
+    assert refused == 1
+    after = _value(
+        scrape(running.metrics_url),
+        "taskbroker_mailbox_overflows",
+        "_total",
+        actor="frontend",
+        policy="fail",
+    )
+    assert after == before + 1
+    status = json.loads(http_get(f"{running.metrics_url}/status")[1])
+    frontend_status = next(a for a in status["actors"] if a["name"] == "frontend")
+    assert frontend_status["mailbox"]["overflows"] == after
