@@ -31,6 +31,7 @@ from actors.embedded_kafka import EmbeddedKafka, TopicSpec
 from actors.errors import ActorUnavailable, BrokerError
 from actors.frontend import FrontendConfig, GrpcFrontend
 from actors.messages import Connect, Drain, LoadAndRestore, StopConsuming
+from actors.ops_http import OpsEndpoint
 from actors.producer import KafkaProducer, ProducerConfig
 from actors.runtime import ask
 from actors.state import StateActor, StateConfig
@@ -70,9 +71,14 @@ class Broker:
     actors: list[tuple[str, pykka.ActorRef[Any]]] = field(default_factory=list)
     health: HealthMonitor | None = None
     embedded_kafka: EmbeddedKafka | None = None
+    ops: OpsEndpoint | None = None
 
     def ref(self, name: str) -> pykka.ActorRef[Any]:
         return dict(self.actors)[name]
+
+    def is_ready(self) -> bool:
+        """Restored, consuming, and upkeep ticking: what /readyz and gRPC health say."""
+        return self.health is not None and self.health.serving
 
 
 class Supervisor:
@@ -139,6 +145,15 @@ class Supervisor:
     def _start_actors(self, broker: Broker) -> None:
         config = self._config
         mailboxes = config.mailbox
+        # First, so that liveness answers during a long restore; readiness waits for the end.
+        ops = broker.ops = OpsEndpoint(
+            lambda: list(broker.actors),
+            broker.is_ready,
+            config.metrics_addr,
+            config.metrics_port or None,
+        )
+        ops.start()
+        metrics = ops.metrics
         state = StateActor.start(
             StateConfig(
                 limits=Limits(
@@ -153,8 +168,10 @@ class Supervisor:
                 flush_max_dirty=config.flush_max_dirty,
             ),
             mailboxes.state.to_runtime(),
+            observer=metrics.mailbox,
         )
         broker.actors.append(("state", state))
+        ops.snapshots.watch(state=state)
 
         persisted = _Relay()
         writer = SqliteWriter.start(
@@ -166,8 +183,12 @@ class Supervisor:
             state,
             mailbox=mailboxes.writer.to_runtime(),
             persisted_listener=persisted,
+            observer=metrics.mailbox,
+            flush_observer=metrics.writer,
+            name="writer",
         )
         broker.actors.append(("writer", writer))
+        ops.snapshots.watch(writer=writer)
         restored = ask(writer, LoadAndRestore(), _RESTORE_TIMEOUT_S)
         logger.info("restored %d activations from %s", restored, config.db_path)
         state.tell(Connect(writer=writer))
@@ -194,6 +215,8 @@ class Supervisor:
             producer=producer,
             writer=writer,
             mailbox=mailboxes.upkeep.to_runtime(),
+            observer=metrics.upkeep,
+            mailbox_observer=metrics.mailbox,
         )
         broker.actors.append(("upkeep", upkeep_actor))
         heartbeat = upkeep_actor.proxy().heartbeat.get(timeout=10)
@@ -218,8 +241,11 @@ class Supervisor:
                 ProducerConfig(broker.kafka_bootstrap, delivery_timeout_ms=produce_timeout_ms)
             ),
             mailbox=mailboxes.consumer.to_runtime(),
+            observer=metrics.mailbox,
+            name="consumer",
         )
         broker.actors.append(("consumer", consumer))
+        ops.snapshots.watch(consumer=consumer)
         persisted.target = consumer
         state.tell(Connect(consumer=consumer))
 
@@ -235,6 +261,8 @@ class Supervisor:
             ),
             state,
             mailboxes.frontend.to_runtime(),
+            observer=metrics.frontend,
+            mailbox_observer=metrics.mailbox,
         )
         broker.actors.append(("frontend", frontend))
         broker.grpc_port = frontend.proxy().port.get(timeout=10)
@@ -245,12 +273,13 @@ class Supervisor:
         broker.health.start()
         broker.health.set_ready(True)
         logger.info(
-            "taskbroker ready: gRPC %s:%d, Kafka %s (topic %s), SQLite %s",
+            "taskbroker ready: gRPC %s:%d, Kafka %s (topic %s), SQLite %s, metrics %s",
             config.grpc_addr,
             broker.grpc_port,
             broker.kafka_bootstrap,
             config.kafka_topic,
             config.db_path,
+            "off" if ops.server is None else f"{config.metrics_addr}:{ops.server.port}",
         )
 
     # --- watch and stop --------------------------------------------------------------------
@@ -288,6 +317,9 @@ class Supervisor:
             _stop_actor(name, refs.get(name), deadline)
         if broker.embedded_kafka is not None:
             broker.embedded_kafka.stop()
+        # Last: liveness must keep answering while the shutdown runs.
+        if broker.ops is not None:
+            broker.ops.stop()
         logger.info("taskbroker stopped")
 
     @contextmanager
