@@ -10,6 +10,8 @@ BENCHMARKS = {
     "writer": "SQLite flush throughput and restore time",
     "ingest": "Kafka to durable state, activations per second",
     "grpc": "GetTask/SetTaskStatus cycles per second against a bare grpcio ceiling",
+    "e2e": "Kafka to broker to workers until every task is complete, tasks/s and latency",
+    "compare": "memory vs sqlite-direct: throughput, latency, commit delay, restore; report",
 }
 
 
