@@ -39,6 +39,7 @@ from actors.messages import (
     Flush,
     Ingest,
     IngestBackpressure,
+    Maintain,
     Persisted,
     Produced,
     ProduceKind,
@@ -46,13 +47,14 @@ from actors.messages import (
     Recipient,
     StateStats,
     Stats,
+    StoreSizesQuery,
     Tick,
     TickResult,
 )
 from actors.records import ActivationId, OnAttemptsExceeded, Partition, Record, Status
 from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, Ticker
 from actors.statemachine import IngestResult, Limits
-from actors.store import SqliteStore
+from actors.store import SqliteStore, StoreSizes
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +292,10 @@ class DirectStore(SqliteStore):
         with self._locked("count by status"):
             return super().counts_by_status()
 
+    def maintenance(self, full_vacuum: bool) -> StoreSizes:
+        with self._locked("maintenance"):
+            return super().maintenance(full_vacuum)
+
     def close(self) -> None:
         with self._locked("close"):
             super().close()
@@ -471,7 +477,9 @@ class SqliteDirectState(BrokerActor):
     """Ingest, ticks and produced confirmations of the sqlite-direct design.
 
     Messages: `Ingest`, `Produced`, `Connect(consumer=...)` (tell); `Tick` (ask →
-    `TickResult`), `Drain` (ask → True: every change is already committed), `Stats` (ask).
+    `TickResult`), `Drain` (ask → True once every ingest is committed), `Stats` (ask);
+    and the writer's `Maintain` and `StoreSizesQuery` (ask → `StoreSizes`), since this
+    actor also stands in for the writer.
     Claims change the row counts from handler threads, so backpressure is re-counted on a
     timer as well as after every ingest and tick. An ingest that fails to commit is kept,
     with ingest paused, and tried again with backoff: its offsets are never reported
@@ -513,7 +521,7 @@ class SqliteDirectState(BrokerActor):
     def on_failure(self, *_: object) -> None:
         self._shut_down()
 
-    def handle(self, message: object) -> object:
+    def handle(self, message: object) -> object:  # noqa: PLR0912 - one branch per message
         match message:
             case Ingest():
                 self._unstored.append(message)
@@ -543,6 +551,10 @@ class SqliteDirectState(BrokerActor):
                 return not self._unstored
             case Stats():
                 return self._store.stats(self._ingest_paused)
+            case Maintain(full_vacuum):
+                return self._maintain(full_vacuum)
+            case StoreSizesQuery():
+                return self._store.sizes()
             case _:
                 raise TypeError(f"sqlite-direct state got an unknown message: {message!r}")
         return None
@@ -591,6 +603,14 @@ class SqliteDirectState(BrokerActor):
         self._ingest_paused = paused
         if self._consumer is not None:
             _tell(self._consumer, IngestBackpressure(pause=paused))
+
+    def _maintain(self, full_vacuum: bool) -> StoreSizes:
+        # Best effort, as in the writer: the next Maintain tries again.
+        try:
+            return self._store.maintenance(full_vacuum)
+        except StoreUnavailable as error:
+            logger.warning("SQLite maintenance skipped: %s", error)
+            return self._store.sizes()
 
     def _shut_down(self) -> None:
         if self._ticker is not None:

@@ -25,11 +25,12 @@ from typing import Any
 import pykka
 import pykka.debug
 
-from actors.config import Config
+from actors.config import Config, StoreMode
 from actors.consumer import BatchLimits, ConsumerConfig, KafkaConsumer
+from actors.direct import DirectStore, SqliteDirectState, SqliteDirectStateClient
 from actors.embedded_kafka import EmbeddedKafka, TopicSpec
 from actors.errors import ActorUnavailable, BrokerError
-from actors.frontend import FrontendConfig, GrpcFrontend
+from actors.frontend import FrontendConfig, GrpcFrontend, StateClient
 from actors.messages import Connect, Drain, LoadAndRestore, StopConsuming
 from actors.ops_http import OpsEndpoint
 from actors.producer import KafkaProducer, ProducerConfig
@@ -154,44 +155,64 @@ class Supervisor:
         )
         ops.start()
         metrics = ops.metrics
-        state = StateActor.start(
-            StateConfig(
-                limits=Limits(
-                    max_pending_count=config.max_pending_count,
-                    max_processing_count=config.max_processing_count,
-                    max_delay_count=config.max_delay_count,
-                    max_processing_attempts=config.max_processing_attempts,
-                    processing_deadline_grace_s=config.processing_deadline_grace_sec,
-                    max_delayed_task_allowed_s=config.max_delayed_task_allowed_sec,
-                ),
-                flush_interval_ms=config.flush_interval_ms,
-                flush_max_dirty=config.flush_max_dirty,
-            ),
-            mailboxes.state.to_runtime(),
-            observer=metrics.mailbox,
+        limits = Limits(
+            max_pending_count=config.max_pending_count,
+            max_processing_count=config.max_processing_count,
+            max_delay_count=config.max_delay_count,
+            max_processing_attempts=config.max_processing_attempts,
+            processing_deadline_grace_s=config.processing_deadline_grace_sec,
+            max_delayed_task_allowed_s=config.max_delayed_task_allowed_sec,
         )
-        broker.actors.append(("state", state))
-        ops.snapshots.watch(state=state)
-
+        state: pykka.ActorRef[Any]
+        writer: pykka.ActorRef[Any]
+        state_client: StateClient | None = None
         persisted = _Relay()
-        writer = SqliteWriter.start(
-            WriterConfig(
-                db_path=Path(config.db_path),
+        if config.store_mode is StoreMode.SQLITE_DIRECT:
+            # The comparison design: the file is the state, written on the request path.
+            store = DirectStore(
+                Path(config.db_path),
+                limits,
+                lock_timeout_s=config.grpc_state_ask_timeout_ms / 1000,
                 busy_timeout_ms=config.store.busy_timeout_ms,
                 debug_commit_delay_ms=config.store.debug_commit_delay_ms,
-            ),
-            state,
-            mailbox=mailboxes.writer.to_runtime(),
-            persisted_listener=persisted,
-            observer=metrics.mailbox,
-            flush_observer=metrics.writer,
-            name="writer",
-        )
-        broker.actors.append(("writer", writer))
-        ops.snapshots.watch(writer=writer)
-        restored = ask(writer, LoadAndRestore(), _RESTORE_TIMEOUT_S)
-        logger.info("restored %d activations from %s", restored, config.db_path)
-        state.tell(Connect(writer=writer))
+            )
+            state = writer = SqliteDirectState.start(
+                store, mailboxes.state.to_runtime(), observer=metrics.mailbox
+            )
+            broker.actors.append(("state", state))
+            ops.snapshots.watch(state=state, writer=writer)
+            state_client = SqliteDirectStateClient(store)
+        else:
+            state = StateActor.start(
+                StateConfig(
+                    limits=limits,
+                    flush_interval_ms=config.flush_interval_ms,
+                    flush_max_dirty=config.flush_max_dirty,
+                ),
+                mailboxes.state.to_runtime(),
+                observer=metrics.mailbox,
+            )
+            broker.actors.append(("state", state))
+            ops.snapshots.watch(state=state)
+
+            writer = SqliteWriter.start(
+                WriterConfig(
+                    db_path=Path(config.db_path),
+                    busy_timeout_ms=config.store.busy_timeout_ms,
+                    debug_commit_delay_ms=config.store.debug_commit_delay_ms,
+                ),
+                state,
+                mailbox=mailboxes.writer.to_runtime(),
+                persisted_listener=persisted,
+                observer=metrics.mailbox,
+                flush_observer=metrics.writer,
+                name="writer",
+            )
+            broker.actors.append(("writer", writer))
+            ops.snapshots.watch(writer=writer)
+            restored = ask(writer, LoadAndRestore(), _RESTORE_TIMEOUT_S)
+            logger.info("restored %d activations from %s", restored, config.db_path)
+            state.tell(Connect(writer=writer))
 
         produce_timeout_ms = config.kafka_produce_timeout_ms
         producer = KafkaProducer(
@@ -263,6 +284,7 @@ class Supervisor:
             mailboxes.frontend.to_runtime(),
             observer=metrics.frontend,
             mailbox_observer=metrics.mailbox,
+            state_client=state_client,
         )
         broker.actors.append(("frontend", frontend))
         broker.grpc_port = frontend.proxy().port.get(timeout=10)
@@ -311,7 +333,9 @@ class Supervisor:
             _best_effort(
                 "stop consuming", lambda: ask(refs["consumer"], StopConsuming(), _left(deadline))
             )
-        if "state" in refs and "writer" in refs:
+        # sqlite-direct has no writer: its state commits each ingest itself.
+        direct = self._config.store_mode is StoreMode.SQLITE_DIRECT
+        if "state" in refs and ("writer" in refs or direct):
             _best_effort("final flush", lambda: _drain(refs["state"], deadline))
         for name in ("consumer", "state", "writer"):
             _stop_actor(name, refs.get(name), deadline)
