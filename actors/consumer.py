@@ -695,7 +695,23 @@ class KafkaConsumer(BrokerActor):
             paused=tuple(sorted(self._paused)),
             committed=self._commits.committed(),
             backpressure=self._pauses.backpressure,
+            high_watermarks=self._high_watermarks(),
         )
+
+    def _high_watermarks(self) -> dict[Partition, int]:
+        marks: dict[Partition, int] = {}
+        for partition in sorted(self._assigned):
+            try:
+                # cached: as of the last fetch, read from the client without a round trip.
+                offsets = self._consumer.get_watermark_offsets(
+                    TopicPartition(self._config.topic, partition), cached=True
+                )
+            except KafkaException as exc:
+                logger.debug("no watermark for %s/%d: %s", self._config.topic, partition, exc)
+                continue
+            if offsets is not None and offsets[1] >= 0:  # negative: not fetched yet
+                marks[partition] = int(offsets[1])
+        return marks
 
 
 def _describe(error: KafkaError) -> str:

@@ -7,7 +7,7 @@ touches them again. Records inside `Flush` are snapshots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
@@ -285,6 +285,10 @@ class ConsumerStats:
     paused: tuple[Partition, ...]
     committed: dict[Partition, int]
     backpressure: bool
+    high_watermarks: dict[Partition, int] = field(default_factory=dict)
+    """Each assigned partition's end (the offset of the next message produced to it) as of
+    the consumer's last fetch from it; absent until a fetch saw it. The committed lag of a
+    partition is its high watermark minus its committed offset."""
 
 
 # --- To the gRPC front end ---------------------------------------------------------------
