@@ -575,6 +575,19 @@ class _Families:
             "everything before it is durable in SQLite.",
             "partition",
         )
+        self.high_watermark = _gauge(
+            "kafka_high_watermark_offset",
+            "The partition's end (the offset of the next message produced) as of the "
+            "consumer's last fetch from it.",
+            "partition",
+        )
+        self.lag = _gauge(
+            "kafka_consumer_lag_messages",
+            "Messages of the partition not yet committed: high watermark minus committed "
+            "offset (consumed but not yet durable ones included). Absent for a partition "
+            "until this process first commits for it.",
+            "partition",
+        )
         self.db_bytes = _gauge("store_database_bytes", "Size of the SQLite database file.")
         self.wal_bytes = _gauge("store_wal_bytes", "Size of the SQLite write-ahead log.")
 
@@ -626,6 +639,13 @@ class _Families:
         self.backpressure.add_metric([], float(stats.backpressure))
         for partition, offset in stats.committed.items():
             self.committed.add_metric([str(partition)], offset)
+        for partition, high in stats.high_watermarks.items():
+            self.high_watermark.add_metric([str(partition)], high)
+            committed = stats.committed.get(partition)
+            # Until this process commits for a partition, what the group committed before
+            # is unknown here: no lag rather than a made-up one.
+            if committed is not None:
+                self.lag.add_metric([str(partition)], max(high - committed, 0))
 
     def add_store(self, sizes: StoreSizes) -> None:
         self.db_bytes.add_metric([], sizes.db_bytes)

@@ -392,6 +392,8 @@ def test_a_running_broker_exports_every_metric_family_with_plausible_values(
     assert v("taskbroker_kafka_assigned_partitions") == 1
     assert v("taskbroker_kafka_paused_partitions") == 0
     assert v("taskbroker_kafka_committed_offset", partition="0") == load.produced + 1
+    assert v("taskbroker_kafka_high_watermark_offset", partition="0") == load.produced + 1
+    assert v("taskbroker_kafka_consumer_lag_messages", partition="0") == 0
 
     # gRPC
     requests = "taskbroker_grpc_requests"
