@@ -30,7 +30,7 @@ from actors.coalescer import Coalescer
 from actors.errors import ActorUnavailable, ConfigError, MailboxFull
 from actors.messages import Claim, ClaimBatch, Conclude, ConcludeBatch, ConcludeResult, SetServing
 from actors.records import ActivationId, Status
-from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver
+from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, ask
 from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 
@@ -116,23 +116,6 @@ class _SilentObserver:
 # --- Talking to the state actor ----------------------------------------------------------
 
 
-def ask_state(state: pykka.ActorRef[Any], message: object, timeout_s: float) -> Any:
-    """Ask the state actor, translating pykka's failures into the broker's errors.
-
-    `MailboxFull` passes through as it is: raised by the ask itself under policy `fail`,
-    or by the future when the message was dropped.
-    """
-    try:
-        return state.ask(message, block=False).get(timeout=timeout_s)
-    except pykka.Timeout:
-        raise ActorUnavailable(
-            f"the state actor did not answer {type(message).__name__} "
-            f"within {timeout_s * 1000:.0f} ms"
-        ) from None
-    except pykka.ActorDeadError:
-        raise ActorUnavailable("the state actor is stopped") from None
-
-
 class StateClient(Protocol):
     """How handlers reach the state actor: one ask per call, or coalesced."""
 
@@ -155,15 +138,15 @@ class DirectStateClient:
         self._timeout_s = timeout_s
 
     def claim(self, claim: Claim) -> bytes | None:
-        answer: bytes | None = ask_state(self._state, claim, self._timeout_s)
+        answer: bytes | None = ask(self._state, claim, self._timeout_s)
         return answer
 
     def conclude(self, conclude: Conclude) -> ConcludeResult:
-        result: ConcludeResult = ask_state(self._state, conclude, self._timeout_s)
+        result: ConcludeResult = ask(self._state, conclude, self._timeout_s)
         return result
 
     def conclude_all(self, conclusions: tuple[Conclude, ...]) -> Sequence[ConcludeResult]:
-        results: Sequence[ConcludeResult] = ask_state(
+        results: Sequence[ConcludeResult] = ask(
             self._state, ConcludeBatch(conclusions), self._timeout_s
         )
         return results
@@ -208,7 +191,7 @@ class CoalescingStateClient:
 
     def conclude_all(self, conclusions: tuple[Conclude, ...]) -> Sequence[ConcludeResult]:
         # Already a batch: it needs no company.
-        results: Sequence[ConcludeResult] = ask_state(
+        results: Sequence[ConcludeResult] = ask(
             self._state, ConcludeBatch(conclusions), self._timeout_s
         )
         return results
@@ -222,16 +205,16 @@ class CoalescingStateClient:
 
     def _send_claims(self, claims: tuple[Claim, ...], timeout_s: float) -> Sequence[bytes | None]:
         if len(claims) == 1:
-            return (ask_state(self._state, claims[0], timeout_s),)
-        answers: Sequence[bytes | None] = ask_state(self._state, ClaimBatch(claims), timeout_s)
+            return (ask(self._state, claims[0], timeout_s),)
+        answers: Sequence[bytes | None] = ask(self._state, ClaimBatch(claims), timeout_s)
         return answers
 
     def _send_conclusions(
         self, conclusions: tuple[Conclude, ...], timeout_s: float
     ) -> Sequence[ConcludeResult]:
         if len(conclusions) == 1:
-            return (ask_state(self._state, conclusions[0], timeout_s),)
-        results: Sequence[ConcludeResult] = ask_state(
+            return (ask(self._state, conclusions[0], timeout_s),)
+        results: Sequence[ConcludeResult] = ask(
             self._state, ConcludeBatch(conclusions), timeout_s
         )
         return results

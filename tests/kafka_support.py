@@ -6,18 +6,16 @@ import logging
 import time
 import uuid
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
 _log = logging.getLogger(__name__)
 
-Received = tuple[bytes, list[tuple[str, str | bytes | None]]]
 
-
-def read_topic(
+def read_messages(
     bootstrap: str, topic: str, count: int, partitions: int = 1, timeout_s: float = 15.0
-) -> list[Received]:
-    """Every message of `topic` from the start, as `(value, headers)`, until `count` arrived
-    or the time is up (then the caller's assertion on the count fails with what came)."""
+) -> list[Message]:
+    """Every message of `topic` from the start until `count` arrived or the time is up (then
+    the caller's assertion on what came fails). A Kafka error on a message fails at once."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -28,7 +26,7 @@ def read_topic(
         },
         logger=_log,
     )
-    received: list[Received] = []
+    received: list[Message] = []
     deadline = time.monotonic() + timeout_s
     try:
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
@@ -37,11 +35,23 @@ def read_topic(
             if message is None:
                 continue
             assert message.error() is None, message.error()
-            value = message.value()
-            assert value is not None
-            headers = message.headers() or []
-            assert isinstance(headers, list)
-            received.append((value, headers))
+            received.append(message)
     finally:
         consumer.close()
     return received
+
+
+Header = tuple[str, str | bytes | None]
+
+
+def read_values(
+    bootstrap: str, topic: str, count: int, partitions: int = 1
+) -> list[tuple[bytes, list[Header]]]:
+    """`(value, headers)` of every message, as `read_messages` finds them."""
+    found: list[tuple[bytes, list[Header]]] = []
+    for message in read_messages(bootstrap, topic, count, partitions):
+        value, headers = message.value(), message.headers() or []
+        assert value is not None, "a message without a value"
+        assert isinstance(headers, list)
+        found.append((value, headers))
+    return found

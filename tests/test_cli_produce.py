@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 import msgpack
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from actors.activation import decode_record
 from actors.cli import main
 from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.records import OnAttemptsExceeded, Status
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
+from tests.kafka_support import read_messages
 
 if TYPE_CHECKING:
     from tests.conftest import TopicFactory
@@ -26,26 +25,9 @@ TIMEOUT_S = 10.0
 
 
 def read_values(kafka: EmbeddedKafka, topic: str, partitions: int, count: int) -> list[bytes]:
-    reader = Consumer(
-        {"bootstrap.servers": kafka.bootstrap, "group.id": f"read-{uuid.uuid4().hex}"},
-        logger=_log,
-    )
-    values: list[bytes] = []
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
-        while len(values) < count and time.monotonic() < deadline:
-            message = reader.poll(0.1)
-            if message is not None and message.error() is None:
-                value = message.value()
-                assert value is not None
-                values.append(value)
-        # Anything past `count` would be a duplicate or a stray message.
-        extra = reader.poll(0.3)
-        assert extra is None or extra.error() is not None, "more messages than produced"
-    finally:
-        reader.close()
-    return values
+    found = read_messages(kafka.bootstrap, topic, count + 1, partitions, timeout_s=TIMEOUT_S)
+    assert len(found) <= count, "more messages than produced"
+    return [value for message in found if (value := message.value()) is not None]
 
 
 @pytest.mark.kafka

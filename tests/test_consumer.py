@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from actors.activation import encode_activation
 from actors.consumer import (
@@ -51,6 +51,7 @@ from actors.state import StateActor, StateConfig
 from actors.statemachine import Limits
 from actors.writer import SqliteWriter, WriterConfig
 from tests.factories import make_record
+from tests.kafka_support import read_messages, read_values
 
 if TYPE_CHECKING:
     from tests.conftest import TopicFactory
@@ -318,27 +319,12 @@ def end_offsets(kafka: EmbeddedKafka, topic: str, partitions: int, count: int) -
     """Each partition's last offset + 1, found by reading all `count` messages of `topic`:
     Tansu's high watermark counts record batches, not records."""
     ends = [0] * partitions
-    for message in read_topic(kafka, topic, count, partitions):
-        ends[message.partition()] = max(ends[message.partition()], message.offset() + 1)
+    for message in read_messages(kafka.bootstrap, topic, count, partitions):
+        partition, offset = message.partition(), message.offset()
+        assert partition is not None
+        assert offset is not None
+        ends[partition] = max(ends[partition], offset + 1)
     return ends
-
-
-def read_topic(kafka: EmbeddedKafka, topic: str, count: int, partitions: int = 1) -> list[Any]:
-    reader = Consumer(
-        {"bootstrap.servers": kafka.bootstrap, "group.id": f"read-{uuid.uuid4().hex}"},
-        logger=_log,
-    )
-    found: list[Any] = []
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
-        while len(found) < count and time.monotonic() < deadline:
-            message = reader.poll(0.1)
-            if message is not None and message.error() is None:
-                found.append(message)
-    finally:
-        reader.close()
-    return found
 
 
 @pytest.mark.kafka
@@ -411,9 +397,9 @@ def test_undecodable_messages_are_dead_lettered_and_do_not_block_the_rest(
     assert stats.dead_lettered == 2
     assert stats.decode_failures == {"not a TaskActivation": 1, "missing namespace": 1}
 
-    dead = read_topic(pipe.kafka, pipe.dlq_topic, 2)
-    assert [m.value() for m in dead] == [garbage, no_namespace]
-    headers = [dict(m.headers()) for m in dead]
+    dead = read_values(pipe.kafka.bootstrap, pipe.dlq_topic, 2)
+    assert [value for value, _ in dead] == [garbage, no_namespace]
+    headers = [dict(h) for _, h in dead]
     assert [h[DECODE_ERROR_HEADER] for h in headers] == [
         b"not a TaskActivation",
         b"missing namespace",

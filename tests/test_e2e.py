@@ -21,7 +21,7 @@ from actors.records import OnAttemptsExceeded
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2_grpc as pb_grpc
 from tests.broker_process import BrokerProcess, wait_for
-from tests.kafka_support import read_topic
+from tests.kafka_support import read_values
 
 if TYPE_CHECKING:
     from tests.conftest import TopicFactory
@@ -246,7 +246,7 @@ def check_fates(
     ]
     assert len(set(retries) & ledger.completed) >= MIX["retry"]
     assert not set(retries) & kinds["retry"], "a retry kept its original id"
-    dead = read_topic(kafka.bootstrap, scenario.dlq, count=MIX["deadletter"], partitions=2)
+    dead = read_values(kafka.bootstrap, scenario.dlq, count=MIX["deadletter"], partitions=2)
     dead_ids = {pb.TaskActivation.FromString(value).id for value, _ in dead}
     assert kinds["deadletter"] <= dead_ids
     assert not kinds["discard"] & dead_ids

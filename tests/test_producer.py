@@ -2,55 +2,20 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.errors import ConfigError
 from actors.producer import KafkaProducer, OutgoingMessage, ProducerConfig, ProduceReport
+from tests.kafka_support import read_values
 
 if TYPE_CHECKING:
     from tests.conftest import TopicFactory
 
 _log = logging.getLogger(__name__)
-
-Received = tuple[bytes, list[tuple[str, str | bytes | None]]]
-
-
-def read_back(bootstrap: str, topic: str, partitions: int, count: int) -> list[Received]:
-    """Every message of `topic` from the start, as `(value, headers)`, until `count` arrived."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"test-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000,
-            "enable.auto.commit": False,
-        },
-        logger=_log,
-    )
-    received: list[Received] = []
-    deadline = time.monotonic() + 15
-    try:
-        # Assigning partitions directly skips the consumer-group join, which Tansu delays.
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
-        while len(received) < count and time.monotonic() < deadline:
-            message = consumer.poll(0.2)
-            if message is None:
-                continue
-            assert message.error() is None, message.error()
-            value = message.value()
-            assert value is not None
-            headers = message.headers() or []
-            assert isinstance(headers, list)
-            received.append((value, headers))
-    finally:
-        consumer.close()
-    return received
 
 
 @pytest.fixture
@@ -80,9 +45,9 @@ def test_every_message_is_acknowledged_and_lands_on_its_topic(
 
     assert report.all_acknowledged
     assert sorted(report.acknowledged) == sorted([m.key_id for m in retries] + ["dead-1"])
-    received = read_back(kafka.bootstrap, topic, partitions=3, count=20)
+    received = read_values(kafka.bootstrap, topic, count=20, partitions=3)
     assert sorted(received) == sorted((m.value, list(m.headers)) for m in retries)
-    assert read_back(kafka.bootstrap, dlq_topic, partitions=3, count=1) == [(b"dead letter", [])]
+    assert read_values(kafka.bootstrap, dlq_topic, count=1, partitions=3) == [(b"dead letter", [])]
 
 
 @pytest.mark.kafka

@@ -21,7 +21,7 @@ from actors.state import StateActor, StateConfig
 from actors.statemachine import Limits
 from actors.upkeep import HealthMonitor, Heartbeat, Upkeep, UpkeepConfig
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
-from tests.kafka_support import read_topic
+from tests.kafka_support import read_values
 from tests.test_state_actor import Collector
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def test_retry_is_produced_with_a_new_id_and_then_finished(
     concluded(state, original, Status.RETRY)
     start_upkeep(state, kafka.bootstrap, topic, dlq)
     wait_until_gone(state, Status.RETRY)
-    ((value, _),) = read_topic(kafka.bootstrap, topic, count=1)
+    ((value, _),) = read_values(kafka.bootstrap, topic, count=1)
     retry = pb.TaskActivation.FromString(value)
     assert retry.id != "r1"
     assert retry.retry_state.attempts == 1
@@ -99,7 +99,7 @@ def test_dead_letter_carries_the_original_bytes(
     concluded(state, failed, Status.FAILURE)
     start_upkeep(state, kafka.bootstrap, topic, dlq)
     wait_until_gone(state, Status.FAILURE)
-    assert read_topic(kafka.bootstrap, dlq, count=1) == [(failed.activation, [])]
+    assert read_values(kafka.bootstrap, dlq, count=1) == [(failed.activation, [])]
 
 
 @pytest.mark.usefixtures("actors")
