@@ -157,10 +157,20 @@ class FrontendMetrics:
             registry=registry,
             buckets=_BATCH_BUCKETS,
         )
+        # labels() takes a lock and builds a key; handled() runs on every gRPC call.
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def handled(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        self._requests.labels(method, code.name).inc()
-        self._latency.labels(method, code.name).observe(seconds)
+        key = (method, code.name)
+        children = self._children.get(key)
+        if children is None:
+            # Two threads may both get here; labels() hands both the same children.
+            children = self._children[key] = (
+                self._requests.labels(*key),
+                self._latency.labels(*key),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def batch_sent(self, kind: str, size: int) -> None:
         self._batches.labels(kind).observe(size)
