@@ -9,6 +9,7 @@ from typing import Protocol
 import pytest
 
 from actors.embedded_kafka import EmbeddedKafka, TopicSpec, free_port
+from tests.grpc_support import StartBroker, broker_starter
 
 
 class TopicFactory(Protocol):
@@ -35,3 +36,9 @@ def kafka_topics(kafka: EmbeddedKafka) -> TopicFactory:
         return topic, dlq_topic
 
     return create
+
+
+@pytest.fixture
+def start_broker() -> Iterator[StartBroker]:
+    """Start a state actor behind a gRPC front end on 127.0.0.1; all stopped afterwards."""
+    yield from broker_starter()

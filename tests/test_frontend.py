@@ -3,19 +3,16 @@ every row of WIRE.md "Semantics" with its status code, health, signing, limits."
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
 import pykka
 import pytest
 
-from actors.activation import decode_record, encode_activation
 from actors.auth import SIGNATURE_METADATA_KEY, sign
 from actors.coalescer import Coalescer
 from actors.errors import ActorUnavailable, ConfigError, MailboxFull
@@ -29,88 +26,15 @@ from actors.messages import (
     Tick,
     TickResult,
 )
-from actors.records import KafkaOffset, OnAttemptsExceeded, Record, Status
+from actors.records import OnAttemptsExceeded, Status
 from actors.runtime import MailboxConfig, MailboxPolicy, mailbox_stats_of
-from actors.state import StateActor, StateConfig
-from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
+from actors.wire.grpc.health.v1 import health_pb2
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
-from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2_grpc as pb_grpc
+from tests.grpc_support import TIMEOUT_S, Broker, StartBroker, activation_record
 
-TIMEOUT_S = 5.0
 GET_TASK_PATH = f"/{SERVICE_NAME}/GetTask"
 SET_TASK_STATUS_PATH = f"/{SERVICE_NAME}/SetTaskStatus"
 SET_BATCH_PATH = f"/{SERVICE_NAME}/SetBatchActivationStatus"
-
-_offsets = itertools.count()
-
-
-def activation_record(activation_id: str, **fields: Any) -> Record:
-    """A record whose bytes are a real serialized TaskActivation, decoded as ingest does."""
-    fields.setdefault("application", "app")
-    fields.setdefault("namespace", "ns")
-    value = encode_activation(activation_id=activation_id, **fields)
-    return decode_record(value, 0, next(_offsets), time.time(), max_delay_s=3600)
-
-
-@dataclass
-class Broker:
-    state: pykka.ActorRef[StateActor]
-    frontend: pykka.ActorRef[GrpcFrontend]
-    channel: grpc.Channel
-
-    @property
-    def stub(self) -> pb_grpc.ConsumerServiceStub:
-        return pb_grpc.ConsumerServiceStub(self.channel)
-
-    @property
-    def health(self) -> health_pb2_grpc.HealthStub:
-        return health_pb2_grpc.HealthStub(self.channel)
-
-    def ingest(self, *records: Record) -> None:
-        offsets = tuple(KafkaOffset(r.partition, r.offset) for r in records)
-        self.state.tell(Ingest(records, offsets))
-
-    def ask_state(self, message: object) -> Any:
-        return self.state.ask(message, block=True, timeout=TIMEOUT_S)
-
-
-StartBroker = Callable[..., Broker]
-
-
-@pytest.fixture
-def start_broker() -> Iterator[StartBroker]:
-    channels: list[grpc.Channel] = []
-
-    def start(
-        *,
-        coalesce: bool = True,
-        shared_secrets: tuple[str, ...] = (),
-        state_ask_timeout_ms: int = 2000,
-        state_mailbox: MailboxConfig | None = None,
-        state_config: StateConfig | None = None,
-    ) -> Broker:
-        state = StateActor.start(
-            state_config or StateConfig(), state_mailbox or MailboxConfig(size=1000)
-        )
-        config = FrontendConfig(
-            host="127.0.0.1",
-            port=0,
-            max_workers=8,
-            shared_secrets=shared_secrets,
-            state_ask_timeout_ms=state_ask_timeout_ms,
-            coalesce=coalesce,
-            stop_grace_s=1.0,
-        )
-        frontend = GrpcFrontend.start(config, state)
-        port = frontend.proxy().port.get(timeout=TIMEOUT_S)
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        channels.append(channel)
-        return Broker(state, frontend, channel)
-
-    yield start
-    for channel in channels:
-        channel.close()
-    pykka.ActorRegistry.stop_all(timeout=TIMEOUT_S)
 
 
 @pytest.fixture(params=[True, False], ids=["coalescing", "direct"])
