@@ -60,6 +60,16 @@ class Mailboxes:
     upkeep: MailboxSettings = field(default_factory=lambda: MailboxSettings(size=100))
     frontend: MailboxSettings = field(default_factory=lambda: MailboxSettings(size=100))
 
+    def __post_init__(self) -> None:
+        # A drop is silent to a teller: a dropped Ingest would let later offsets commit past
+        # its activations, and a dropped Flush would never be answered. Refusing is safe.
+        for name in ("state", "writer", "consumer"):
+            policy = getattr(self, name).policy
+            if policy in (MailboxPolicy.DROP_NEWEST, MailboxPolicy.DROP_OLDEST):
+                raise ConfigError(
+                    f"{name}.policy: {policy.value} could lose activations; use block or fail"
+                )
+
 
 @dataclass(frozen=True, slots=True)
 class StoreSettings:

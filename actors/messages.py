@@ -295,7 +295,7 @@ class ConsumerStats:
 
 
 @dataclass(frozen=True, slots=True)
-class SetServing:
+class SetServing(Essential):
     """The broker is ready (restored, consuming) or no longer is: flips gRPC health."""
 
     serving: bool

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import pykka
 
 from actors.activation import build_retry
-from actors.errors import ActorUnavailable, ConfigError
+from actors.errors import ActorUnavailable, ConfigError, MailboxFull
 from actors.messages import (
     Maintain,
     Produced,
@@ -168,7 +168,8 @@ class Upkeep(BrokerActor):
                 Tick(self._clock(), deadline_resets=resets_allowed),
                 self._config.state_ask_timeout_ms / 1000,
             )
-        except ActorUnavailable as error:
+        except (ActorUnavailable, MailboxFull) as error:
+            # An overloaded state sheds this tick; the heartbeat goes stale if it lasts.
             logger.warning("upkeep tick skipped: %s", error)
             return
         report = self._produce(result.to_produce)

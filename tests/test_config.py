@@ -80,6 +80,8 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
         ({"log_level": "LOUD"}, "log_level: 'LOUD' is not a logging level"),
         ({"grpc_shared_secret": 5}, "grpc_shared_secret: expected a list of strings"),
         ({"store": 3}, "store: expected a table of settings"),
+        ({"mailbox.state.policy": "drop_newest"}, "mailbox.state.policy: drop_newest could lose"),
+        ({"mailbox.writer.policy": "drop_oldest"}, "mailbox.writer.policy: drop_oldest could lose"),
     ],
 )
 def test_bad_values_name_the_key(overrides: dict[str, object], message: str) -> None:

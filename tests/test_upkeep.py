@@ -4,6 +4,7 @@ produced, confirmed only when Kafka acknowledged them, and health follows the he
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.messages import Claim, Conclude, Ingest, Maintain, SetServing, Stats
 from actors.producer import KafkaProducer, ProducerConfig
 from actors.records import KafkaOffset, OnAttemptsExceeded, Record, Status
-from actors.runtime import MailboxConfig
+from actors.runtime import BrokerActor, MailboxConfig, MailboxPolicy
 from actors.state import StateActor, StateConfig
 from actors.statemachine import Limits
 from actors.upkeep import HealthMonitor, Heartbeat, Upkeep, UpkeepConfig
@@ -182,3 +183,35 @@ def test_health_follows_readiness_and_the_heartbeat() -> None:
     heartbeat.beat()
     monitor.check()
     assert [m.serving for m in frontend.wait_for(SetServing, 4)] == [False, True, False, True]
+
+
+class StuckState(BrokerActor):
+    """A state actor that never gets through its mailbox (size 1, policy fail)."""
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        super().__init__("stuck-state", MailboxConfig(size=1, policy=MailboxPolicy.FAIL))
+        self._entered = entered
+        self._release = release
+
+    def handle(self, message: object) -> object:
+        self._entered.set()
+        self._release.wait(TIMEOUT_S)
+        return None
+
+
+@pytest.mark.usefixtures("actors")
+def test_an_overloaded_state_sheds_ticks_without_killing_upkeep(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+    state = StuckState.start(entered, release)
+    state.tell("occupy the actor")
+    assert entered.wait(TIMEOUT_S)
+    state.tell("fill the mailbox")
+    dead = f"127.0.0.1:{free_port()}"
+    with caplog.at_level(logging.WARNING, logger="actors.upkeep"):
+        upkeep = start_upkeep(state, dead, "t", "t-dlq", interval_ms=50)
+        time.sleep(0.5)
+    assert upkeep.is_alive()
+    assert any("tick skipped" in r.getMessage() for r in caplog.records)
+    release.set()
