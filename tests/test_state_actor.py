@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pykka
@@ -34,6 +35,7 @@ from actors.records import ActivationId, KafkaOffset, Record, Status
 from actors.runtime import MailboxConfig
 from actors.state import StateActor, StateConfig
 from actors.statemachine import Limits
+from actors.writer import SqliteWriter, WriterConfig
 from tests.factories import make_record
 
 TIMEOUT_S = 5.0
@@ -185,3 +187,29 @@ def test_unknown_message_fails_the_asker_not_the_actor() -> None:
     with pytest.raises(TypeError, match="unknown message"):
         ask(state, "hello")
     assert ask(state, Claim()) is None
+
+
+@pytest.mark.usefixtures("actors")
+def test_claims_and_results_are_answered_while_a_slow_commit_is_in_progress(
+    tmp_path: Path,
+) -> None:
+    state = start_state()
+    writer = SqliteWriter.start(
+        WriterConfig(tmp_path / "slow.sqlite", debug_commit_delay_ms=1500),
+        state,
+        mailbox=MailboxConfig(size=16),
+    )
+    state.tell(Connect(writer=writer))
+    ingest(state, *(make_record(f"t{i}") for i in range(20)))
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ask(state, Stats()).flush_outstanding:
+        assert time.monotonic() < deadline, "no flush was sent"
+        time.sleep(0.01)
+    for i in range(20):  # every claim and result while the first commit sleeps
+        assert ask(state, Claim()) == f"bytes-of-t{i}".encode()
+        result = ask(state, Conclude(ActivationId(f"t{i}"), Status.COMPLETE))
+        assert result.outcome is ConcludeOutcome.APPLIED
+    assert ask(state, Stats()).flush_outstanding, "the commit finished early: nothing was shown"
+    while not ask(state, Drain()):
+        assert time.monotonic() < deadline + TIMEOUT_S, "the slow commits never finished"
+        time.sleep(0.05)
