@@ -49,6 +49,7 @@ from actors.records import KafkaOffset, Offset, Partition, Status
 from actors.runtime import MailboxConfig
 from actors.state import StateActor, StateConfig
 from actors.statemachine import Limits
+from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.writer import SqliteWriter, WriterConfig
 from tests.factories import make_record
 from tests.kafka_support import read_messages, read_values
@@ -468,3 +469,56 @@ def test_consumption_pauses_at_the_pending_limit_and_resumes_after_claims(
         time.sleep(0.01)
     wait_until(lambda: consumer_stats(consumer).paused == ())
     assert consumer_stats(consumer).ingested == total
+
+
+@pytest.mark.kafka
+def test_a_rebalance_rereads_nothing_durable_and_records_stay_with_their_broker(
+    pipeline: Callable[[int], Pipeline], tmp_path: Path
+) -> None:
+    first = pipeline(2)
+    (tmp_path / "second").mkdir()
+    second = Pipeline(first.kafka, first.topic, first.dlq_topic, first.group, tmp_path / "second")
+    old_ids, old_values = activations(100, "old")
+    produce(first.kafka, first.topic, old_values)
+    first_state = first.start_state()
+    first_consumer = first.start_consumer()
+    first.start_writer(first_consumer)
+    ends = end_offsets(first.kafka, first.topic, 2, 100)
+    wait_until(
+        lambda: consumer_stats(first_consumer).committed == dict(enumerate(ends)), JOIN_TIMEOUT_S
+    )
+
+    # A second broker joins the group: each ends with one partition, and the first one's
+    # records stay with it (its SQLite file is its own).
+    second_state = second.start_state()
+    second_consumer = second.start_consumer()
+    second.start_writer(second_consumer)
+    wait_until(
+        lambda: (
+            len(consumer_stats(first_consumer).assigned) == 1
+            and len(consumer_stats(second_consumer).assigned) == 1
+        ),
+        JOIN_TIMEOUT_S * 2,
+        describe=lambda: (consumer_stats(first_consumer), consumer_stats(second_consumer)),
+    )
+    new_ids, new_values = activations(100, "new")
+    produce(first.kafka, first.topic, new_values)
+
+    def ids_in(state: pykka.ActorRef[StateActor]) -> list[str]:
+        claimed = []
+        while (value := ask(state, Claim())) is not None:
+            claimed.append(pb.TaskActivation.FromString(value).id)
+        return claimed
+
+    wait_until(
+        lambda: (
+            consumer_stats(first_consumer).ingested + consumer_stats(second_consumer).ingested
+            >= 200
+        ),
+        JOIN_TIMEOUT_S,
+    )
+    first_ids, second_ids = ids_in(first_state), ids_in(second_state)
+    assert set(old_ids) <= set(first_ids), "records left with their partition"
+    assert not set(second_ids) & set(old_ids), "a durable, committed activation was read again"
+    assert sorted(first_ids + second_ids) == sorted(old_ids + new_ids)
+    assert second_ids, "the new member got no partition"
