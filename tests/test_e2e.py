@@ -42,6 +42,14 @@ MIX = {
 DELAY_S = 3
 RUN_TIMEOUT_S = 90.0
 
+# What a real worker retries: the broker is stopping, restarting or overloaded.
+TRANSIENT = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
+
 Status: TypeAlias = pb.TaskActivationStatus
 
 
@@ -112,7 +120,7 @@ class Workers:
         try:
             return stub.GetTask(pb.GetTaskRequest(), timeout=5).task
         except grpc.RpcError as error:
-            if error.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+            if error.code() is not grpc.StatusCode.NOT_FOUND and error.code() not in TRANSIENT:
                 raise
             time.sleep(0.05)
             return None
@@ -127,9 +135,9 @@ class Workers:
             try:
                 response = stub.SetTaskStatus(request, timeout=5)
             except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                if error.code() not in TRANSIENT:
                     raise
-                time.sleep(0.1)  # the broker is restarting; workers retry, as real ones do
+                time.sleep(0.1)  # workers retry, as real ones do
                 continue
             if status == pb.TASK_ACTIVATION_STATUS_COMPLETE:
                 with self._ledger.lock:
