@@ -78,8 +78,8 @@ QUICK = Plan(
     tasks=300,
     delay_tasks=300,
     max_seconds=20.0,
-    delay_max_seconds=4.0,
-    processes=2,
+    delay_max_seconds=3.0,
+    processes=1,
     param_bytes=128,
     restore_records=2_000,
 )

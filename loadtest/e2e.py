@@ -34,7 +34,7 @@ from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
 from loadtest.producer import TaskSpec, produce_tasks, task_ids
 from loadtest.report import machine
-from loadtest.workers import Progress, WorkerReport, run_workers
+from loadtest.workers import Progress, WorkerReport, complete_tasks, run_workers
 
 _HOST = "127.0.0.1"
 _READY_TIMEOUT_S = 90.0
@@ -72,8 +72,9 @@ class Phase:
 
 
 _DEFAULT = Phase()
-_WARM_UP = Phase(workers=4, processes=1, tasks=50, max_seconds=60.0)
-"""Before the first measured phase: the consumer has joined its group and is consuming."""
+_WARM_UP_TASKS = 5
+"""Completed before the first measured phase, so that the consumer has joined its group."""
+_WARM_UP_TIMEOUT_S = 60.0
 
 
 # --- the broker process ------------------------------------------------------------------
@@ -106,6 +107,8 @@ def broker_environment(
         "MAX_PENDING_COUNT": str(max(2 * setup.max_tasks, 2048)),
         "MAX_PROCESSING_COUNT": str(max(4 * setup.max_workers, 2048)),
         "LOG_LEVEL": "WARNING",
+        # Calls still waiting at the end of a bounded run need not hold the shutdown.
+        "GRPC_SHUTDOWN_GRACE_MS": "1000",
     }
     if setup.grpc_max_workers is not None:
         settings["GRPC_MAX_WORKERS"] = str(setup.grpc_max_workers)
@@ -282,6 +285,13 @@ class Session:
     def __repr__(self) -> str:
         return f"<Session {self.setup.store_mode} at {self._target}, topic {self._topic}>"
 
+    def warm_up(self) -> None:
+        """Produce and complete a few tasks from this process, unmeasured."""
+        self._runs += 1
+        ids = task_ids(f"{self._topic}-{self._runs}", _WARM_UP_TASKS)
+        produce_tasks(self._bootstrap, self._topic, ids, TaskSpec(param_bytes=16))
+        complete_tasks(self._target, _WARM_UP_TASKS, _WARM_UP_TIMEOUT_S)
+
     def run(self, phase: Phase, *, progress: bool = True) -> dict[str, Any]:
         """Produce the phase's tasks, then run its workers until all are complete (or time
         is up); the result also carries the broker's CPU and memory over the phase."""
@@ -340,7 +350,7 @@ def session(
         if topic is None:
             raise ValueError("a --target broker needs the topic it consumes")
         under_test = Session(setup, bootstrap, topic, target, broker_pid)
-        under_test.run(_WARM_UP, progress=False)
+        under_test.warm_up()
         yield under_test
 
 

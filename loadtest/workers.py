@@ -68,16 +68,28 @@ class WorkerReport:
 class _Worker:
     """One simulated worker; its lists are its own, merged once it has stopped."""
 
-    def __init__(self, stub: pb_grpc.ConsumerServiceStub, plan: WorkerPlan) -> None:
+    def __init__(
+        self, stub: pb_grpc.ConsumerServiceStub, plan: WorkerPlan, stop: threading.Event
+    ) -> None:
         self._stub = stub
         self._work_s = plan.work_s
+        self._stop = stop
         self.report = WorkerReport(latencies_ms={"GetTask": [], "SetTaskStatus": []})
         self.completed_count = 0
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self) -> None:
         held: pb.TaskActivation | None = None
-        while not stop.is_set():
-            held = self._get_task() if held is None else self._complete(held)
+        try:
+            while not self._stop.is_set():
+                held = self.step(held)
+        except ValueError:
+            # grpc's word for a call started on a channel closed by the end of the run.
+            if not self._stop.is_set():
+                raise
+
+    def step(self, held: pb.TaskActivation | None) -> pb.TaskActivation | None:
+        """One RPC: ask for a task, or complete the one held; the task held next."""
+        return self._get_task() if held is None else self._complete(held)
 
     def _get_task(self) -> pb.TaskActivation | None:
         started = time.perf_counter()
@@ -125,6 +137,8 @@ class _Worker:
         self.report.latencies_ms[method].append((time.perf_counter() - started) * 1000)
 
     def _failed(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        if self._stop.is_set():
+            return  # cancelled by the end of the run, not answered by the broker
         self._answered(method, started)
         self.report.errors[code.name] += 1
         time.sleep(_ERROR_SLEEP_S)
@@ -147,11 +161,10 @@ def _worker_process(index: int, plan: WorkerPlan, signals: _Signals) -> None:
     channel = grpc.insecure_channel(plan.target)
     grpc.channel_ready_future(channel).result(timeout=_START_TIMEOUT_S)
     stub = pb_grpc.ConsumerServiceStub(channel)
-    workers = [_Worker(stub, plan) for _ in range(plan.threads)]
     local_stop = threading.Event()
+    workers = [_Worker(stub, plan, local_stop) for _ in range(plan.threads)]
     threads = [
-        threading.Thread(target=w.run, args=(local_stop,), name=f"worker-{index}-{n}")
-        for n, w in enumerate(workers)
+        threading.Thread(target=w.run, name=f"worker-{index}-{n}") for n, w in enumerate(workers)
     ]
     ready.put(index)
     go.wait(_START_TIMEOUT_S)
@@ -162,13 +175,32 @@ def _worker_process(index: int, plan: WorkerPlan, signals: _Signals) -> None:
     while not stop.wait(_PUBLISH_INTERVAL_S):
         completed[index] = sum(w.completed_count for w in workers)
     local_stop.set()
+    # Closing the channel cancels the calls still waiting (on a broker that is behind), so
+    # a bounded run ends now rather than after the RPC timeout.
+    channel.close()
     for thread in threads:
         thread.join(_RPC_TIMEOUT_S + 1)
-    channel.close()
     report = WorkerReport()
     for worker in workers:
         report.merge(worker.report)
     reports.put(report)
+
+
+def complete_tasks(target: str, count: int, timeout_s: float) -> list[str]:
+    """One worker in this process completes `count` tasks (a warm-up); their ids.
+
+    Raises TimeoutError when they are not all complete within `timeout_s`.
+    """
+    stop = threading.Event()
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        worker = _Worker(pb_grpc.ConsumerServiceStub(channel), WorkerPlan(target, 1, 0.0), stop)
+        held: pb.TaskActivation | None = None
+        while worker.completed_count < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{worker.completed_count} of {count} tasks completed in time")
+            held = worker.step(held)
+    return worker.report.completed
 
 
 @dataclass(frozen=True, slots=True)
