@@ -30,9 +30,14 @@ from actors.records import (
     Status,
 )
 
-_CONCLUSIONS = frozenset({Status.COMPLETE, Status.RETRY, Status.FAILURE})
-_CONCLUDABLE = frozenset({Status.PROCESSING, Status.PENDING})
-_AWAITING_PRODUCE = frozenset({Status.RETRY, Status.FAILURE})
+# Enum members hash in Python code (Enum.__hash__), several times slower than ints: on
+# the claim and result paths statuses are matched in tuples (identity first, no hashing)
+# and counted in lists indexed by value.
+_CONCLUSIONS = (Status.COMPLETE, Status.RETRY, Status.FAILURE)
+_CONCLUDABLE = (Status.PROCESSING, Status.PENDING)
+_AWAITING_PRODUCE = (Status.RETRY, Status.FAILURE)
+_STATUS_SLOTS = max(Status) + 1
+_COUNTED = tuple(s for s in Status if s is not Status.COMPLETE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +112,8 @@ class StateMachine:
         self._expiries: list[tuple[float, ActivationId]] = []
         self._retry: set[ActivationId] = set()
         self._deadletter: set[ActivationId] = set()
-        self._by_status: Counter[Status] = Counter()
-        self._by_group: Counter[tuple[str, str, Status]] = Counter()
+        self._by_status = [0] * _STATUS_SLOTS
+        self._by_group: dict[tuple[str, str], list[int]] = {}
         self._by_partition: Counter[Partition] = Counter()
         self._changes = _Changes()
         # Ids whose row was handed to the writer: only those need a delete when they finish.
@@ -117,7 +122,9 @@ class StateMachine:
         self._flush_seq = 0
 
     def __repr__(self) -> str:
-        counts = ", ".join(f"{s.name.lower()}={n}" for s, n in sorted(self._by_status.items()) if n)
+        counts = ", ".join(
+            f"{s.name.lower()}={self._by_status[s]}" for s in Status if self._by_status[s]
+        )
         return f"StateMachine({counts or 'empty'}, dirty={len(self._changes.dirty)})"
 
     # --- queries ------------------------------------------------------------------------
@@ -135,10 +142,15 @@ class StateMachine:
         return self._by_status[status]
 
     def counts_by_status(self) -> dict[Status, int]:
-        return {status: self._by_status[status] for status in Status if status != Status.COMPLETE}
+        return {status: self._by_status[status] for status in _COUNTED}
 
     def counts_by_group(self) -> dict[tuple[str, str, Status], int]:
-        return {key: n for key, n in self._by_group.items() if n}
+        return {
+            (application, namespace, status): counts[status]
+            for (application, namespace), counts in self._by_group.items()
+            for status in _COUNTED
+            if counts[status]
+        }
 
     def counts_by_partition(self) -> dict[Partition, int]:
         return {partition: n for partition, n in self._by_partition.items() if n}
@@ -224,7 +236,11 @@ class StateMachine:
         """Apply a worker's result. A result for a task reset to pending after its deadline
         still counts: the worker was late, not dead, and running it again would duplicate it.
         """
-        if status not in _CONCLUSIONS:
+        if (
+            status is not Status.COMPLETE
+            and status is not Status.RETRY
+            and (status is not Status.FAILURE)
+        ):
             raise ValueError(f"a result is COMPLETE, RETRY or FAILURE, not {status!r}")
         record = self._records.get(activation_id)
         if record is None or record.status not in _CONCLUDABLE:
@@ -341,7 +357,11 @@ class StateMachine:
         self._records[record.id] = record
         self._by_partition[record.partition] += 1
         self._by_status[status] += 1
-        self._by_group[(record.application, record.namespace, status)] += 1
+        group = (record.application, record.namespace)
+        counts = self._by_group.get(group)
+        if counts is None:
+            counts = self._by_group[group] = [0] * _STATUS_SLOTS
+        counts[status] += 1
         if status is Status.PENDING:
             self._enter_pending(record)
         elif status is Status.DELAY and record.delay_until is not None:
@@ -358,10 +378,12 @@ class StateMachine:
 
     def _set_status(self, record: Record, status: Status) -> None:
         old = record.status
-        self._by_status[old] -= 1
-        self._by_status[status] += 1
-        self._by_group[(record.application, record.namespace, old)] -= 1
-        self._by_group[(record.application, record.namespace, status)] += 1
+        by_status = self._by_status
+        by_status[old] -= 1
+        by_status[status] += 1
+        counts = self._by_group[(record.application, record.namespace)]
+        counts[old] -= 1
+        counts[status] += 1
         record.status = status
         self._changes.dirty.add(record.id)
 
@@ -377,7 +399,7 @@ class StateMachine:
         activation_id = record.id
         del self._records[activation_id]
         self._by_status[record.status] -= 1
-        self._by_group[(record.application, record.namespace, record.status)] -= 1
+        self._by_group[(record.application, record.namespace)][record.status] -= 1
         self._by_partition[record.partition] -= 1
         self._retry.discard(activation_id)
         self._deadletter.discard(activation_id)
