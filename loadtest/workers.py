@@ -1,4 +1,4 @@
-"""Simulated workers: K processes x C threads, each thread a worker that loops GetTask →
+"""Simulated workers: K processes x C coroutines, each a worker that loops GetTask →
 (simulated work) → SetTaskStatus(COMPLETE, fetch_next_task) until told to stop.
 
 Every RPC's latency and status is recorded, and every task id received and completed, so
@@ -10,8 +10,8 @@ answers.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -66,52 +66,50 @@ class WorkerReport:
 
 
 class _Worker:
-    """One simulated worker; its lists are its own, merged once it has stopped."""
+    """One simulated worker, a coroutine; its lists are its own, merged once it has stopped.
 
-    def __init__(
-        self, stub: pb_grpc.ConsumerServiceStub, plan: WorkerPlan, stop: threading.Event
-    ) -> None:
+    Workers are coroutines on one grpc.aio channel per process rather than threads: a
+    thread per worker spent more of this machine's two cores on the load generator than
+    the broker got."""
+
+    def __init__(self, stub: pb_grpc.ConsumerServiceStub, plan: WorkerPlan) -> None:
         self._stub = stub
         self._work_s = plan.work_s
-        self._stop = stop
         self.report = WorkerReport(latencies_ms={"GetTask": [], "SetTaskStatus": []})
         self.completed_count = 0
 
-    def run(self) -> None:
+    async def run(self) -> None:
+        """Until cancelled (the end of the run)."""
         held: pb.TaskActivation | None = None
-        try:
-            while not self._stop.is_set():
-                held = self.step(held)
-        except ValueError:
-            # grpc's word for a call started on a channel closed by the end of the run.
-            if not self._stop.is_set():
-                raise
+        while True:
+            held = await self.step(held)
 
-    def step(self, held: pb.TaskActivation | None) -> pb.TaskActivation | None:
+    async def step(self, held: pb.TaskActivation | None) -> pb.TaskActivation | None:
         """One RPC: ask for a task, or complete the one held; the task held next."""
-        return self._get_task() if held is None else self._complete(held)
+        return await (self._get_task() if held is None else self._complete(held))
 
-    def _get_task(self) -> pb.TaskActivation | None:
+    async def _get_task(self) -> pb.TaskActivation | None:
         started = time.perf_counter()
         try:
-            task = self._stub.GetTask(
+            response = await self._stub.GetTask(  # type: ignore[misc]
                 pb.GetTaskRequest(application=APPLICATION), timeout=_RPC_TIMEOUT_S
-            ).task
-        except grpc.RpcError as error:
+            )
+        except grpc.aio.AioRpcError as error:
             code = error.code()
             if code is grpc.StatusCode.NOT_FOUND:
                 self.report.empty_polls += 1
-                time.sleep(_EMPTY_POLL_SLEEP_S)
+                await asyncio.sleep(_EMPTY_POLL_SLEEP_S)
             else:
-                self._failed("GetTask", code, started)
+                await self._failed("GetTask", code, started)
             return None
         self._answered("GetTask", started)
+        task: pb.TaskActivation = response.task
         self.report.received.append(task.id)
         return task
 
-    def _complete(self, task: pb.TaskActivation) -> pb.TaskActivation | None:
+    async def _complete(self, task: pb.TaskActivation) -> pb.TaskActivation | None:
         if self._work_s:
-            time.sleep(self._work_s)
+            await asyncio.sleep(self._work_s)
         started = time.perf_counter()
         request = pb.SetTaskStatusRequest(
             id=task.id,
@@ -119,10 +117,12 @@ class _Worker:
             fetch_next_task=pb.FetchNextTask(application=APPLICATION),
         )
         try:
-            response = self._stub.SetTaskStatus(request, timeout=_RPC_TIMEOUT_S)
-        except grpc.RpcError as error:
+            response = await self._stub.SetTaskStatus(  # type: ignore[misc]
+                request, timeout=_RPC_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as error:
             code = error.code()
-            self._failed("SetTaskStatus", code, started)
+            await self._failed("SetTaskStatus", code, started)
             return task if code in _RETRIED_CODES else None
         self._answered("SetTaskStatus", started)
         self.report.completed.append(task.id)
@@ -130,18 +130,17 @@ class _Worker:
         self.completed_count += 1
         if not response.HasField("task"):
             return None
-        self.report.received.append(response.task.id)
-        return response.task
+        following: pb.TaskActivation = response.task
+        self.report.received.append(following.id)
+        return following
 
     def _answered(self, method: str, started: float) -> None:
         self.report.latencies_ms[method].append((time.perf_counter() - started) * 1000)
 
-    def _failed(self, method: str, code: grpc.StatusCode, started: float) -> None:
-        if self._stop.is_set():
-            return  # cancelled by the end of the run, not answered by the broker
+    async def _failed(self, method: str, code: grpc.StatusCode, started: float) -> None:
         self._answered(method, started)
         self.report.errors[code.name] += 1
-        time.sleep(_ERROR_SLEEP_S)
+        await asyncio.sleep(_ERROR_SLEEP_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,34 +155,32 @@ class _Signals:
 
 
 def _worker_process(index: int, plan: WorkerPlan, signals: _Signals) -> None:
-    ready, go, stop = signals.ready, signals.go, signals.stop
-    completed, reports = signals.completed, signals.reports
-    channel = grpc.insecure_channel(plan.target)
-    grpc.channel_ready_future(channel).result(timeout=_START_TIMEOUT_S)
-    stub = pb_grpc.ConsumerServiceStub(channel)
-    local_stop = threading.Event()
-    workers = [_Worker(stub, plan, local_stop) for _ in range(plan.threads)]
-    threads = [
-        threading.Thread(target=w.run, name=f"worker-{index}-{n}") for n, w in enumerate(workers)
-    ]
-    ready.put(index)
-    go.wait(_START_TIMEOUT_S)
-    for thread in threads:
-        thread.start()
-    # The main thread publishes this process's completions for the parent's progress and
-    # end condition; a racy read of a worker's counter only delays the number a little.
-    while not stop.wait(_PUBLISH_INTERVAL_S):
-        completed[index] = sum(w.completed_count for w in workers)
-    local_stop.set()
-    # Closing the channel cancels the calls still waiting (on a broker that is behind), so
-    # a bounded run ends now rather than after the RPC timeout.
-    channel.close()
-    for thread in threads:
-        thread.join(_RPC_TIMEOUT_S + 1)
+    asyncio.run(_serve_workers(index, plan, signals))
+
+
+async def _serve_workers(index: int, plan: WorkerPlan, signals: _Signals) -> None:
+    async with grpc.aio.insecure_channel(plan.target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), _START_TIMEOUT_S)
+        stub = pb_grpc.ConsumerServiceStub(channel)
+        workers = [_Worker(stub, plan) for _ in range(plan.threads)]
+        signals.ready.put(index)
+        await asyncio.to_thread(signals.go.wait, _START_TIMEOUT_S)
+        running = [asyncio.create_task(worker.run()) for worker in workers]
+        # Publish this process's completions for the parent's progress and end condition.
+        while not await asyncio.to_thread(signals.stop.wait, _PUBLISH_INTERVAL_S):
+            signals.completed[index] = sum(w.completed_count for w in workers)
+        # Cancelling drops the calls still waiting on a broker that is behind, so a
+        # bounded run ends now rather than after the RPC timeout.
+        for task in running:
+            task.cancel()
+        outcomes = await asyncio.gather(*running, return_exceptions=True)
+    failures = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+    if failures:
+        raise failures[0]  # a worker crashed; cancellation (the normal end) is no Exception
     report = WorkerReport()
     for worker in workers:
         report.merge(worker.report)
-    reports.put(report)
+    signals.reports.put(report)
 
 
 def complete_tasks(target: str, count: int, timeout_s: float) -> list[str]:
@@ -191,15 +188,19 @@ def complete_tasks(target: str, count: int, timeout_s: float) -> list[str]:
 
     Raises TimeoutError when they are not all complete within `timeout_s`.
     """
-    stop = threading.Event()
+    return asyncio.run(_complete_tasks(target, count, timeout_s))
+
+
+async def _complete_tasks(target: str, count: int, timeout_s: float) -> list[str]:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        worker = _Worker(pb_grpc.ConsumerServiceStub(channel), WorkerPlan(target, 1, 0.0), stop)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ConsumerServiceStub(channel)
+        worker = _Worker(stub, WorkerPlan(target, 1, 0.0))
         held: pb.TaskActivation | None = None
         while worker.completed_count < count:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{worker.completed_count} of {count} tasks completed in time")
-            held = worker.step(held)
+            held = await worker.step(held)
     return worker.report.completed
 
 
