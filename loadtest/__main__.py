@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from actors.runtime import tune_garbage_collector
+
 BENCHMARKS = {
     "actors": "state machine and state actor throughput, ask round trip",
     "writer": "SQLite flush throughput and restore time",
@@ -20,6 +22,7 @@ def main(argv: list[str]) -> int:
         lines = [f"  {name:8} {about}" for name, about in BENCHMARKS.items()]
         print("usage: python -m loadtest <benchmark> [--json PATH]\n" + "\n".join(lines))
         return 2
+    tune_garbage_collector()  # measured under the broker's own process settings
     module = importlib.import_module(f"loadtest.{argv[0]}")
     exit_code: int = module.main(argv[1:])
     return exit_code
