@@ -206,7 +206,8 @@ class DirectStore(SqliteStore):
                 accepted[record.id] = record
             rows = tuple(accepted.values())
             # The store's own batch writer: the same statements the memory design flushes with.
-            self._write(Flush(0, rows, (), tuple((r.id, r.activation) for r in rows), ()))
+            blobs = tuple((r.id, r.activation) for r in rows)
+            self._write(Flush(0, tuple(r.row() for r in rows), (), blobs, ()))
         return IngestResult(accepted=len(accepted), duplicates=len(records) - len(accepted))
 
     def tick(self, now: float, *, deadline_resets: bool = True) -> TickResult:

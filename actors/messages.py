@@ -2,7 +2,7 @@
 (`FlushDone`) or for what is asked (`Claim`).
 
 Records inside `Ingest` and `Restore` change owner with the message: the sender never
-touches them again. Records inside `Flush` are snapshots.
+touches them again. `Flush` carries immutable `RecordRow`s.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
-from actors.records import ActivationId, KafkaOffset, Partition, Record, Status
+from actors.records import ActivationId, KafkaOffset, Partition, Record, RecordRow, Status
 from actors.runtime import Essential
 
 
@@ -207,7 +207,7 @@ class Flush:
     """
 
     seq: int
-    upserts: tuple[Record, ...]
+    upserts: tuple[RecordRow, ...]
     deletes: tuple[ActivationId, ...]
     new_blobs: tuple[tuple[ActivationId, bytes], ...]
     offsets: tuple[KafkaOffset, ...]

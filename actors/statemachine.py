@@ -321,7 +321,7 @@ class StateMachine:
         )
         return Flush(
             seq=self._flush_seq,
-            upserts=tuple(records[i].snapshot() for i in changes.dirty),
+            upserts=tuple(records[i].row() for i in changes.dirty),
             deletes=tuple(changes.deletes),
             new_blobs=tuple((i, records[i].activation) for i in changes.blobs),
             offsets=tuple(KafkaOffset(p, o) for p, o in sorted(changes.offsets.items())),

@@ -15,7 +15,6 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,7 +273,8 @@ class SqliteStore:
             self._conn.executemany(_DELETE_METADATA, deleted)
             self._conn.executemany(_DELETE_BLOB, deleted)
         if flush.upserts:
-            self._conn.executemany(_UPSERT_METADATA, _metadata_rows(flush.upserts))
+            # A RecordRow is in column order; enums and bools bind as the ints they are.
+            self._conn.executemany(_UPSERT_METADATA, flush.upserts)
         if flush.new_blobs:
             self._conn.executemany(_INSERT_BLOB, flush.new_blobs)
 
@@ -373,31 +373,6 @@ class SqliteStore:
             self._conn.close()
         except sqlite3.Error as exc:
             raise self._translate(exc, "close") from exc
-
-
-def _metadata_rows(records: Iterable[Record]) -> Iterable[tuple[object, ...]]:
-    for r in records:
-        yield (
-            r.id,
-            r.application,
-            r.namespace,
-            r.taskname,
-            int(r.status),
-            r.received_at,
-            r.added_at,
-            r.partition,
-            r.offset,
-            r.processing_deadline_duration_s,
-            r.processing_deadline,
-            r.processing_attempts,
-            int(r.at_most_once),
-            int(r.on_attempts_exceeded),
-            r.expires_at,
-            r.delay_until,
-            r.attempts,
-            r.max_attempts,
-            r.delay_on_retry_s,
-        )
 
 
 def _file_size(path: Path) -> int:

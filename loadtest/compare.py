@@ -163,7 +163,8 @@ def write_restore_file(path: Path, records: int, blob_bytes: int) -> None:
                 )
                 for index in range(start, min(start + chunk, records))
             )
-            store.apply(Flush(seq, batch, (), tuple((r.id, r.activation) for r in batch), ()))
+            blobs = tuple((r.id, r.activation) for r in batch)
+            store.apply(Flush(seq, tuple(r.row() for r in batch), (), blobs, ()))
     finally:
         store.close()
 

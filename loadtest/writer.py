@@ -59,7 +59,7 @@ class _RecordFactory:
 def _insert_flush(seq: int, records: list[Record]) -> Flush:
     return Flush(
         seq=seq,
-        upserts=tuple(records),
+        upserts=tuple(record.row() for record in records),
         deletes=(),
         new_blobs=tuple((record.id, record.activation) for record in records),
         offsets=(),
@@ -92,7 +92,7 @@ def measure_flush(
             flushes.append(
                 Flush(
                     seq=seq,
-                    upserts=tuple(record.snapshot() for record in (*new, *updated)),
+                    upserts=tuple(record.row() for record in (*new, *updated)),
                     deletes=tuple(record.id for record in deleted),
                     new_blobs=tuple((record.id, record.activation) for record in new),
                     offsets=(),

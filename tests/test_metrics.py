@@ -209,7 +209,7 @@ def test_the_writer_reports_each_committed_flush(
     records = tuple(make_record(f"id-{n}") for n in range(3))
     flush = Flush(
         seq=1,
-        upserts=records,
+        upserts=tuple(record.row() for record in records),
         deletes=(),
         new_blobs=tuple((r.id, r.activation) for r in records),
         offsets=(),

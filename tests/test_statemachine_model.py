@@ -23,6 +23,7 @@ from actors.records import (
     OnAttemptsExceeded,
     Partition,
     Record,
+    RecordRow,
     Status,
 )
 from actors.statemachine import Limits, StateMachine
@@ -40,7 +41,7 @@ class StateMachineModel(RuleBasedStateMachine):
         self.now = 1000.0
         self.next_offset = 0
         self.ever_ingested: set[ActivationId] = set()
-        self.store_rows: dict[ActivationId, Record] = {}
+        self.store_rows: dict[ActivationId, RecordRow] = {}
         self.store_blobs: dict[ActivationId, bytes] = {}
         self.outstanding: Flush | None = None
         self.live_before: set[ActivationId] = set()
@@ -219,9 +220,7 @@ class StateMachineModel(RuleBasedStateMachine):
             self.flush_outcome(succeed=True)
         stored = {}
         for activation_id, row in self.store_rows.items():
-            restored = copy.copy(row)
-            restored.activation = self.store_blobs[activation_id]
-            stored[activation_id] = restored
+            stored[activation_id] = Record.from_row(row, self.store_blobs[activation_id])
         live = {r.id: r for r in self.machine}
         assert stored == live
         replica = StateMachine(self.machine.limits)

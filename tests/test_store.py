@@ -37,7 +37,7 @@ def new_records_flush(seq: int, records: Iterable[Record]) -> Flush:
     records = tuple(records)
     return Flush(
         seq=seq,
-        upserts=records,
+        upserts=tuple(record.row() for record in records),
         deletes=(),
         new_blobs=tuple((record.id, record.activation) for record in records),
         offsets=(),
@@ -115,11 +115,12 @@ def test_batches_land_and_updates_keep_the_bytes(store: SqliteStore) -> None:
     records = [make_record(f"a-{i}") for i in range(5)]
     store.apply(new_records_flush(1, records))
 
-    claimed = records[0].snapshot()
-    claimed.status = Status.PROCESSING
-    claimed.processing_attempts = 1
-    claimed.processing_deadline = 2000.0
-    store.apply(Flush(2, upserts=(claimed,), deletes=(records[1].id,), new_blobs=(), offsets=()))
+    claimed = dataclasses.replace(
+        records[0], status=Status.PROCESSING, processing_attempts=1, processing_deadline=2000.0
+    )
+    store.apply(
+        Flush(2, upserts=(claimed.row(),), deletes=(records[1].id,), new_blobs=(), offsets=())
+    )
 
     assert by_id(store.load()) == by_id([claimed, *records[2:]])
 
@@ -132,7 +133,7 @@ def test_deletes_apply_before_upserts_in_one_batch(store: SqliteStore) -> None:
     store.apply(
         Flush(
             2,
-            upserts=(again,),
+            upserts=(again.row(),),
             deletes=(again.id,),
             new_blobs=((again.id, again.activation),),
             offsets=(),
@@ -225,9 +226,8 @@ def test_a_restart_restores_exactly_the_committed_state(db_path: Path) -> None:
     store = SqliteStore(db_path)
     records = [make_record(f"a-{i}", added_at=float(i)) for i in range(50)]
     store.apply(new_records_flush(1, records))
-    done = records[10].snapshot()
-    done.status = Status.COMPLETE
-    store.apply(Flush(2, upserts=(done,), deletes=(records[0].id,), new_blobs=(), offsets=()))
+    done = dataclasses.replace(records[10], status=Status.COMPLETE)
+    store.apply(Flush(2, upserts=(done.row(),), deletes=(records[0].id,), new_blobs=(), offsets=()))
     store.close()
 
     reopened = SqliteStore(db_path)

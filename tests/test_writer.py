@@ -84,7 +84,7 @@ def ask(writer: pykka.ActorRef[SqliteWriter], message: object) -> Any:
 def flush_of(seq: int, *records: Record) -> Flush:
     return Flush(
         seq=seq,
-        upserts=records,
+        upserts=tuple(record.row() for record in records),
         deletes=(),
         new_blobs=tuple((record.id, record.activation) for record in records),
         offsets=tuple(KafkaOffset(record.partition, record.offset) for record in records),

@@ -7,6 +7,7 @@ imports `expected_state` to know what the file must hold after any prefix of the
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 from pathlib import Path
@@ -40,11 +41,12 @@ def _new_records(seq: int) -> list[Record]:
 
 
 def _claimed(record: Record) -> Record:
-    claimed = record.snapshot()
-    claimed.status = Status.PROCESSING
-    claimed.processing_attempts = 1
-    claimed.processing_deadline = record.added_at + 60
-    return claimed
+    return dataclasses.replace(
+        record,
+        status=Status.PROCESSING,
+        processing_attempts=1,
+        processing_deadline=record.added_at + 60,
+    )
 
 
 def batch(seq: int) -> Flush:
@@ -54,7 +56,7 @@ def batch(seq: int) -> Flush:
     deleted = [record.id for record in _new_records(seq - 2)] if seq > 2 else []
     return Flush(
         seq=seq,
-        upserts=(*new, *claimed),
+        upserts=tuple(record.row() for record in (*new, *claimed)),
         deletes=tuple(deleted),
         new_blobs=tuple((record.id, record.activation) for record in new),
         offsets=(KafkaOffset(Partition(0), Offset(seq * _RECORDS_PER_BATCH - 1)),),
@@ -67,13 +69,17 @@ def expected_state(applied: int) -> dict[str, Record]:
     Every batch touches only its own records and those of the two batches before it, so
     replaying the last three batches gives the same state as replaying them all.
     """
+    first = max(1, applied - 2)
+    # A claim in batch `first` updates a record created in the batch before it.
+    blobs = {r.id: r.activation for seq in (first - 1, first) for r in _new_records(seq)}
     state: dict[str, Record] = {}
-    for seq in range(max(1, applied - 2), applied + 1):
+    for seq in range(first, applied + 1):
         flush = batch(seq)
+        blobs.update(flush.new_blobs)
         for activation_id in flush.deletes:
             state.pop(activation_id, None)
-        for record in flush.upserts:
-            state[record.id] = record
+        for row in flush.upserts:
+            state[row.id] = Record.from_row(row, blobs[row.id])
     return state
 
 
