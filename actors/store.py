@@ -155,6 +155,10 @@ class SqliteStore:
     ) -> None:
         self._path = path
         self._debug_commit_delay_s = debug_commit_delay_ms / 1000
+        # Rows bind their enums and bools as they are. Without an adapter sqlite3 looks for
+        # __conform__ on every such value, which doubled the cost of binding a row.
+        for int_like in (Status, OnAttemptsExceeded, bool):
+            sqlite3.register_adapter(int_like, int)
         try:
             # isolation_level=None: the module opens no implicit transactions; apply()
             # brackets each batch itself. check_same_thread=False: see the class docstring.
