@@ -37,7 +37,7 @@ from actors.producer import KafkaProducer, ProducerConfig
 from actors.runtime import ask
 from actors.state import StateActor, StateConfig
 from actors.statemachine import Limits
-from actors.upkeep import HealthMonitor, Upkeep, UpkeepConfig
+from actors.upkeep import HealthMonitor, Heartbeat, Upkeep, UpkeepConfig
 from actors.writer import SqliteWriter, WriterConfig
 
 logger = logging.getLogger(__name__)
@@ -220,6 +220,7 @@ class Supervisor:
                 bootstrap_servers=broker.kafka_bootstrap, delivery_timeout_ms=produce_timeout_ms
             )
         )
+        heartbeat = Heartbeat()
         upkeep_actor = Upkeep.start(
             UpkeepConfig(
                 retry_topic=config.retry_topic,
@@ -236,11 +237,11 @@ class Supervisor:
             producer=producer,
             writer=writer,
             mailbox=mailboxes.upkeep.to_runtime(),
+            heartbeat=heartbeat,
             observer=metrics.upkeep,
             mailbox_observer=metrics.mailbox,
         )
         broker.actors.append(("upkeep", upkeep_actor))
-        heartbeat = upkeep_actor.proxy().heartbeat.get(timeout=10)
 
         consumer = KafkaConsumer.start(
             ConsumerConfig(

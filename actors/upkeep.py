@@ -11,6 +11,7 @@ produce cannot report that it is stuck.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -139,7 +140,9 @@ class Upkeep(BrokerActor):
         )
         self._ticker.start()
         # The first tick at once: health waits for a heartbeat before it turns SERVING.
-        self.actor_ref.tell(UpkeepTick())
+        # A full mailbox already holds work; the ticker's beat comes soon anyway.
+        with contextlib.suppress(MailboxFull):
+            self.actor_ref.tell(UpkeepTick())
 
     def on_stop(self) -> None:
         if self._ticker is not None:

@@ -81,7 +81,7 @@ def sample(
 
 @contextmanager
 def running_broker(kafka: EmbeddedKafka, tmp_path: Path) -> Iterator[RunningBroker]:
-    """A broker on fresh topics, ready; its frontend mailbox is tiny with policy `fail`,
+    """A broker on fresh topics, ready; its upkeep mailbox is tiny with policy `fail`,
     so a test can overflow it deliberately."""
     topic = f"ops-{uuid.uuid4().hex[:12]}"
     dlq = f"{topic}-dlq"
@@ -101,7 +101,7 @@ def running_broker(kafka: EmbeddedKafka, tmp_path: Path) -> Iterator[RunningBrok
         upkeep_task_interval_ms=200,
         upkeep_deadline_reset_skip_after_startup_sec=0,
         db_insert_batch_max_time_ms=100,
-        mailbox=Mailboxes(frontend=MailboxSettings(size=1, policy=MailboxPolicy.FAIL)),
+        mailbox=Mailboxes(upkeep=MailboxSettings(size=1, policy=MailboxPolicy.FAIL)),
     )
     supervisor = Supervisor(config)
     ready = threading.Event()

@@ -26,13 +26,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from actors.embedded_kafka import EmbeddedKafka
 from actors.errors import ConfigError, MailboxFull
-from actors.messages import Ingest, SetServing
+from actors.messages import Ingest
 from actors.metrics import ActorSnapshots, BrokerCollector, Metrics
 from actors.ops_http import OpsServer, render_html, status_document
 from actors.records import KafkaOffset, Offset, Partition
 from actors.runtime import BrokerActor, MailboxConfig, MailboxPolicy
 from actors.state import StateActor, StateConfig
 from actors.status import EXIT_OK, EXIT_UNREACHABLE, fetch_status, main_status, render_table
+from actors.upkeep import UpkeepTick
 from tests.factories import make_record
 from tests.ops_support import (
     LoadDone,
@@ -354,7 +355,7 @@ def test_a_running_broker_exports_every_metric_family_with_plausible_values(
         assert v("taskbroker_mailbox_overflows", "_total", actor=actor) >= 0
         handled = families["taskbroker_mailbox_handling_seconds"].samples
         assert any(s.labels.get("actor") == actor for s in handled), actor
-    assert v("taskbroker_mailbox_capacity_messages", actor="frontend", policy="fail") == 1
+    assert v("taskbroker_mailbox_capacity_messages", actor="upkeep", policy="fail") == 1
     assert v("taskbroker_mailbox_wait_seconds", "_count", actor="state", message="Ingest") >= 1
     assert v("taskbroker_mailbox_handling_seconds", "_count", actor="writer", message="Flush") >= 1
 
@@ -445,12 +446,12 @@ def test_a_mailbox_overflow_on_a_running_broker_moves_its_counter(
     loaded_broker: tuple[RunningBroker, LoadDone, dict[str, Metric]],
 ) -> None:
     running, _, _ = loaded_broker
-    frontend = running.broker.ref("frontend")  # mailbox size 1, policy fail
+    upkeep = running.broker.ref("upkeep")  # mailbox size 1, policy fail
     before = _value(
         scrape(running.metrics_url),
         "taskbroker_mailbox_overflows",
         "_total",
-        actor="frontend",
+        actor="upkeep",
         policy="fail",
     )
 
@@ -458,7 +459,7 @@ def test_a_mailbox_overflow_on_a_running_broker_moves_its_counter(
     deadline = time.monotonic() + 5.0
     while refused == 0 and time.monotonic() < deadline:
         try:
-            frontend.tell(SetServing(serving=True))  # what health already says: harmless
+            upkeep.tell(UpkeepTick())  # one more tick now: harmless
         except MailboxFull:
             refused += 1
 
@@ -467,10 +468,10 @@ def test_a_mailbox_overflow_on_a_running_broker_moves_its_counter(
         scrape(running.metrics_url),
         "taskbroker_mailbox_overflows",
         "_total",
-        actor="frontend",
+        actor="upkeep",
         policy="fail",
     )
     assert after == before + 1
     status = json.loads(http_get(f"{running.metrics_url}/status")[1])
-    frontend_status = next(a for a in status["actors"] if a["name"] == "frontend")
-    assert frontend_status["mailbox"]["overflows"] == after
+    upkeep_status = next(a for a in status["actors"] if a["name"] == "upkeep")
+    assert upkeep_status["mailbox"]["overflows"] == after
