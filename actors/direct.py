@@ -53,7 +53,7 @@ from actors.messages import (
 )
 from actors.records import ActivationId, OnAttemptsExceeded, Partition, Record, Status
 from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, Ticker
-from actors.statemachine import IngestResult, Limits
+from actors.statemachine import IngestResult, Limits, admit
 from actors.store import SqliteStore, StoreSizes
 
 logger = logging.getLogger(__name__)
@@ -197,12 +197,7 @@ class DirectStore(SqliteStore):
             for record in records:
                 if record.id in existing or record.id in accepted:
                     continue
-                record.added_at = now
-                if record.delay_until is not None:
-                    cap = record.received_at + self.limits.max_delayed_task_allowed_s
-                    record.delay_until = min(record.delay_until, cap)
-                due = record.delay_until is not None and record.delay_until > now
-                record.status = Status.DELAY if due else Status.PENDING
+                admit(record, now, self.limits)
                 accepted[record.id] = record
             rows = tuple(accepted.values())
             # The store's own batch writer: the same statements the memory design flushes with.

@@ -65,6 +65,17 @@ class Limits:
             raise ValueError("max_delayed_task_allowed_s must not be negative")
 
 
+def admit(record: Record, now: float, limits: Limits) -> None:
+    """Ready a newly consumed record for either design: stamped `added_at`, its delay
+    capped, and DELAY while it is not yet due, PENDING otherwise."""
+    record.added_at = now
+    if record.delay_until is not None:
+        cap = record.received_at + limits.max_delayed_task_allowed_s
+        record.delay_until = min(record.delay_until, cap)
+    due = record.delay_until is not None and record.delay_until > now
+    record.status = Status.DELAY if due else Status.PENDING
+
+
 @dataclass(frozen=True, slots=True)
 class IngestResult:
     accepted: int
@@ -192,12 +203,7 @@ class StateMachine:
             if record.id in self._records:
                 continue
             accepted += 1
-            record.added_at = now
-            if record.delay_until is not None:
-                cap = record.received_at + self.limits.max_delayed_task_allowed_s
-                record.delay_until = min(record.delay_until, cap)
-            due = record.delay_until is not None and record.delay_until > now
-            record.status = Status.DELAY if due else Status.PENDING
+            admit(record, now, self.limits)
             self._add(record)
             self._changes.dirty.add(record.id)
             self._changes.deletes.discard(record.id)

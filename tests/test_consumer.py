@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -53,6 +52,7 @@ from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.writer import SqliteWriter, WriterConfig
 from tests.factories import make_record
 from tests.kafka_support import read_messages, read_values
+from tests.recipients import Collector
 
 if TYPE_CHECKING:
     from tests.conftest import TopicFactory
@@ -181,27 +181,6 @@ def test_client_settings_leave_every_commit_to_the_consumer() -> None:
 
 
 # --- The actor against the embedded Kafka ---------------------------------------------
-
-
-class Collector:
-    """A writer that keeps what it is told and never answers."""
-
-    def __init__(self) -> None:
-        self.messages: list[object] = []
-        self._changed = threading.Condition()
-
-    def tell(self, message: object) -> None:
-        with self._changed:
-            self.messages.append(message)
-            self._changed.notify_all()
-
-    def wait_for(self, kind: type) -> Any:
-        with self._changed:
-            found = self._changed.wait_for(
-                lambda: [m for m in self.messages if isinstance(m, kind)], timeout=TIMEOUT_S
-            )
-        assert found, f"no {kind.__name__} in {self.messages!r}"
-        return found[0]
 
 
 @dataclass
@@ -342,7 +321,7 @@ def test_offsets_are_committed_only_after_persistence_and_redelivery_is_deduplic
 
     wait_until(lambda: consumer_stats(first).ingested == 300, JOIN_TIMEOUT_S)
     assert pending(state) == 300
-    flush: Flush = never_answers.wait_for(Flush)
+    flush: Flush = never_answers.wait_for(Flush)[0]
     time.sleep(0.3)  # room for a wrong commit to show
     assert group_offsets(pipe.kafka, pipe.group, pipe.topic, 3) == [-1001] * 3
 

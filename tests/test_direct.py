@@ -39,6 +39,7 @@ from actors.statemachine import IngestResult, Limits, StateMachine
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2_grpc as pb_grpc
 from tests.factories import make_record
+from tests.recipients import Collector
 
 NOW = 1000.0
 TIMEOUT_S = 5.0
@@ -360,25 +361,6 @@ def test_a_handler_waits_for_the_lock_at_most_its_timeout(tmp_path: Path) -> Non
         slow.close()
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.messages: list[object] = []
-        self._changed = threading.Condition()
-
-    def tell(self, message: object) -> None:
-        with self._changed:
-            self.messages.append(message)
-            self._changed.notify_all()
-
-    def wait_for(self, expected: object) -> None:
-        deadline = time.monotonic() + TIMEOUT_S
-        with self._changed:
-            while expected not in self.messages:
-                remaining = deadline - time.monotonic()
-                assert remaining > 0, f"no {expected!r} in {self.messages!r}"
-                self._changed.wait(remaining)
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[DirectStore]:
     store = DirectStore(tmp_path / "direct.sqlite", LIMITS)
@@ -397,15 +379,15 @@ def test_the_actor_reports_persisted_offsets_and_backpressure(store: DirectStore
         store, MailboxConfig(size=100), backpressure_check_interval_ms=20, clock=lambda: NOW
     )
     state.tell(Connect(consumer=consumer))
-    consumer.wait_for(IngestBackpressure(pause=False))
+    consumer.wait_until_told(IngestBackpressure(pause=False))
     records = tuple(make_record(name) for name in "abc")
     state.tell(Ingest(records, _offsets(records)))
-    consumer.wait_for(Persisted(_offsets(records)))
-    consumer.wait_for(IngestBackpressure(pause=True))
+    consumer.wait_until_told(Persisted(_offsets(records)))
+    consumer.wait_until_told(IngestBackpressure(pause=True))
     # A claim in a handler thread, not through the actor: the timer notices it.
     assert SqliteDirectStateClient(store, clock=lambda: NOW).claim(Claim()) == b"bytes-of-a"
     consumer.messages.clear()
-    consumer.wait_for(IngestBackpressure(pause=False))
+    consumer.wait_until_told(IngestBackpressure(pause=False))
     assert ask(state, Drain()) is True
     stats: StateStats = ask(state, Stats())
     assert (stats.by_status[Status.PENDING], stats.by_status[Status.PROCESSING]) == (2, 1)

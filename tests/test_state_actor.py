@@ -3,7 +3,6 @@ backpressure told to the consumer."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,30 +36,9 @@ from actors.state import StateActor, StateConfig
 from actors.statemachine import Limits
 from actors.writer import SqliteWriter, WriterConfig
 from tests.factories import make_record
+from tests.recipients import Collector
 
 TIMEOUT_S = 5.0
-
-
-class Collector:
-    """A recipient that keeps what it is told and lets a test wait for it."""
-
-    def __init__(self) -> None:
-        self.messages: list[object] = []
-        self._changed = threading.Condition()
-
-    def tell(self, message: object) -> None:
-        with self._changed:
-            self.messages.append(message)
-            self._changed.notify_all()
-
-    def wait_for(self, kind: type, count: int = 1) -> list[Any]:
-        deadline = time.monotonic() + TIMEOUT_S
-        with self._changed:
-            while len(found := [m for m in self.messages if isinstance(m, kind)]) < count:
-                remaining = deadline - time.monotonic()
-                assert remaining > 0, f"no {count} x {kind.__name__} in {self.messages!r}"
-                self._changed.wait(remaining)
-            return found
 
 
 @pytest.fixture

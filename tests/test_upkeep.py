@@ -23,7 +23,7 @@ from actors.statemachine import Limits
 from actors.upkeep import HealthMonitor, Heartbeat, Upkeep, UpkeepConfig
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from tests.kafka_support import read_values
-from tests.test_state_actor import Collector
+from tests.recipients import Collector
 
 if TYPE_CHECKING:
     from tests.conftest import TopicFactory
