@@ -24,7 +24,6 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Protocol
 
 import pykka
@@ -380,17 +379,9 @@ class KafkaConsumer(BrokerActor):
         # Best effort: what the state takes now is flushed by it; the offsets of anything
         # left are not committed, so the group's next consumer reads those again.
         self._send_batch()
-        self._close()
+        self.release()
 
-    def on_failure(
-        self,
-        exception_type: type[BaseException] | None,
-        exception_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._close()
-
-    def _close(self) -> None:
+    def release(self) -> None:
         self._commit_durable(self._assigned, asynchronous=False)
         try:
             # Leaves the group at once, so its partitions move without a session timeout.

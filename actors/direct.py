@@ -511,12 +511,6 @@ class SqliteDirectState(BrokerActor):
         )
         self._ticker.start()
 
-    def on_stop(self) -> None:
-        self._shut_down()
-
-    def on_failure(self, *_: object) -> None:
-        self._shut_down()
-
     def handle(self, message: object) -> object:  # noqa: PLR0912 - one branch per message
         match message:
             case Ingest():
@@ -608,7 +602,7 @@ class SqliteDirectState(BrokerActor):
             logger.warning("SQLite maintenance skipped: %s", error)
             return self._store.sizes()
 
-    def _shut_down(self) -> None:
+    def release(self) -> None:
         if self._ticker is not None:
             self._ticker.stop()
         if self._retry_timer is not None:

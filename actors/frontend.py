@@ -503,12 +503,6 @@ class GrpcFrontend(BrokerActor):
         self._server.start()
         logger.info("serving gRPC on %s:%d", self._config.host, self._port)
 
-    def on_stop(self) -> None:
-        self._shut_down()
-
-    def on_failure(self, *_: object) -> None:
-        self._shut_down()
-
     def handle(self, message: object) -> object:
         match message:
             case SetServing(serving):
@@ -528,7 +522,7 @@ class GrpcFrontend(BrokerActor):
             raise ConfigError(f"port: cannot listen on {address} (in use?)")
         return int(bound)
 
-    def _shut_down(self) -> None:
+    def release(self) -> None:
         # Health first, so Watch streams end and do not hold the grace period open.
         self._health.close()
         self._server.stop(self._config.stop_grace_s).wait(self._config.stop_grace_s + 1.0)

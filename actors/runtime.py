@@ -385,6 +385,16 @@ class BrokerActor(pykka.ThreadingActor):
         finally:
             self._observer.handled(self._name, type(message).__name__, time.monotonic() - started)
 
+    def release(self) -> None:
+        """Give back what the actor holds (threads, connections, sockets): runs once, when
+        the actor stops and also when it fails, so nothing outlives a crashed actor."""
+
+    def on_stop(self) -> None:
+        self.release()
+
+    def on_failure(self, *_exc_info: object) -> None:
+        self.release()
+
     def mailbox_stats(self) -> MailboxStats:
         """Thread-safe; from outside the actor prefer `mailbox_stats_of(ref)`."""
         return self._mailbox.stats()

@@ -82,7 +82,7 @@ class StateActor(BrokerActor):
         )
         self._flush_timer.start()
 
-    def on_stop(self) -> None:
+    def release(self) -> None:
         if self._flush_timer is not None:
             self._flush_timer.stop()
 

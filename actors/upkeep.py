@@ -144,7 +144,7 @@ class Upkeep(BrokerActor):
         with contextlib.suppress(MailboxFull):
             self.actor_ref.tell(UpkeepTick())
 
-    def on_stop(self) -> None:
+    def release(self) -> None:
         if self._ticker is not None:
             self._ticker.stop()
         undelivered = self._producer.close(self._config.produce_timeout_ms / 1000)

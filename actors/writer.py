@@ -13,7 +13,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Protocol
 
 import pykka
@@ -199,18 +198,7 @@ class SqliteWriter(BrokerActor):
             logger.warning("SQLite maintenance skipped: %s", error)
             return self._store.sizes()
 
-    def on_stop(self) -> None:
-        self._close()
-
-    def on_failure(
-        self,
-        exception_type: type[BaseException] | None,
-        exception_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._close()
-
-    def _close(self) -> None:
+    def release(self) -> None:
         if self._failure_report is not None:
             self._failure_report.cancel()
         self._store.close()
