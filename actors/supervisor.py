@@ -250,7 +250,11 @@ class Supervisor:
                 group_id=config.kafka_consumer_group,
                 dlq_topic=config.kafka_deadletter_topic,
                 session_timeout_ms=config.kafka_session_timeout_ms,
-                auto_offset_reset=config.kafka_auto_offset_reset.value,
+                # An embedded Kafka is born with this process: nothing on it is old enough
+                # to skip, and "latest" would lose what was produced before the group join.
+                auto_offset_reset=(
+                    "earliest" if broker.embedded_kafka else config.kafka_auto_offset_reset.value
+                ),
                 batch=BatchLimits(
                     max_len=config.db_insert_batch_max_len,
                     max_bytes=config.db_insert_batch_max_size,
