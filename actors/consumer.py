@@ -20,6 +20,7 @@ client, and the one place where its errors become `KafkaUnavailable`.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +32,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from actors.activation import ActivationDecodeError, decode_record
 from actors.errors import ConfigError, KafkaUnavailable, MailboxFull
+from actors.logs import quiet_repeats
 from actors.messages import (
     ConsumerStats,
     ConsumerStatsQuery,
@@ -45,6 +47,8 @@ from actors.records import KafkaOffset, Offset, Partition, Record
 from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver
 
 logger = logging.getLogger(__name__)
+# librdkafka's own reports, which repeat on every reconnect while Kafka is away.
+_client_log = logging.getLogger(f"{__name__}.librdkafka")
 
 DECODE_ERROR_HEADER = "taskbroker-decode-error"
 SOURCE_TOPIC_HEADER = "taskbroker-source-topic"
@@ -327,15 +331,19 @@ class KafkaConsumer(BrokerActor):
         mailbox: MailboxConfig,
         observer: MailboxObserver | None = None,
         name: str = "kafka-consumer",
+        assigned: threading.Event | None = None,
     ) -> None:
         super().__init__(name, mailbox, observer)
         self._config = config
         self._state = state
         self._dead_letters = dead_letters
+        # Set at the first partition assignment: the broker is then "consuming".
+        self._first_assignment = assigned or threading.Event()
+        quiet_repeats(_client_log)
         try:
             self._consumer = Consumer(
                 {**config.client_settings(), "on_commit": self._on_commit},
-                logger=logger,
+                logger=_client_log,
                 error_cb=_log_client_error,
             )
         except KafkaException as exc:
@@ -647,6 +655,7 @@ class KafkaConsumer(BrokerActor):
         consumer.assign(partitions)
         self._assigned |= assigned
         self._apply_pauses()
+        self._first_assignment.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {Partition(tp.partition) for tp in partitions}
@@ -711,4 +720,4 @@ def _describe(error: KafkaError) -> str:
 
 def _log_client_error(error: KafkaError) -> None:
     # Connection trouble shows here long before a poll fails.
-    logger.warning("kafka consumer: %s", _describe(error))
+    _client_log.warning("kafka consumer: %s", _describe(error))

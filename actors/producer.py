@@ -18,6 +18,7 @@ from functools import partial
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from actors.errors import ConfigError
+from actors.logs import quiet_repeats
 
 _log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class KafkaProducer:
         self._config = config
         try:
             # librdkafka's own log, connection errors included, goes to this module's logger.
-            self._producer = Producer(config.client_settings(), logger=_log)
+            self._producer = Producer(config.client_settings(), logger=quiet_repeats(_log))
         except KafkaException as exc:
             raise ConfigError(f"the Kafka producer rejected its settings: {exc}") from exc
 

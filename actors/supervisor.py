@@ -243,6 +243,7 @@ class Supervisor:
         )
         broker.actors.append(("upkeep", upkeep_actor))
 
+        consuming = threading.Event()
         consumer = KafkaConsumer.start(
             ConsumerConfig(
                 bootstrap_servers=broker.kafka_bootstrap,
@@ -268,6 +269,7 @@ class Supervisor:
             ),
             mailbox=mailboxes.consumer.to_runtime(),
             observer=metrics.mailbox,
+            assigned=consuming,
             name="consumer",
         )
         broker.actors.append(("consumer", consumer))
@@ -295,7 +297,10 @@ class Supervisor:
         broker.grpc_port = frontend.proxy().port.get(timeout=10)
 
         broker.health = HealthMonitor(
-            heartbeat, frontend, unhealthy_after_s=config.upkeep_unhealthy_interval_ms / 1000
+            heartbeat,
+            frontend,
+            unhealthy_after_s=config.upkeep_unhealthy_interval_ms / 1000,
+            consuming=consuming,
         )
         broker.health.start()
         broker.health.set_ready(True)

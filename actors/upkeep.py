@@ -228,8 +228,13 @@ class Upkeep(BrokerActor):
 
 
 class HealthMonitor:
-    """Turns gRPC health SERVING while the broker is ready and upkeep's heartbeat is fresh,
-    NOT_SERVING otherwise; tells the front end only when that changes."""
+    """Turns gRPC health SERVING while the broker is ready (started, and consuming since
+    its first partition assignment) and upkeep's heartbeat is fresh, NOT_SERVING otherwise;
+    tells the front end only when that changes.
+
+    A Kafka outage after the first assignment does not turn it off: the broker still
+    serves what it holds, and pulling every broker out of service would stop that too.
+    """
 
     def __init__(
         self,
@@ -237,8 +242,10 @@ class HealthMonitor:
         frontend: Recipient,
         unhealthy_after_s: float,
         check_interval_s: float = 0.25,
+        consuming: threading.Event | None = None,
     ) -> None:
         self._heartbeat = heartbeat
+        self._consuming = consuming
         self._frontend = frontend
         self._unhealthy_after_s = unhealthy_after_s
         self._check_interval_s = check_interval_s
@@ -270,7 +277,8 @@ class HealthMonitor:
     def check(self) -> None:
         age = self._heartbeat.age_s()
         fresh = age is not None and age <= self._unhealthy_after_s
-        serving = self._ready.is_set() and fresh
+        consuming = self._consuming is None or self._consuming.is_set()
+        serving = self._ready.is_set() and consuming and fresh
         with self._lock:
             if serving == self._serving:
                 return

@@ -215,3 +215,13 @@ def test_an_overloaded_state_sheds_ticks_without_killing_upkeep(
     assert upkeep.is_alive()
     assert any("tick skipped" in r.getMessage() for r in caplog.records)
     release.set()
+
+
+def test_health_waits_for_the_first_partition_assignment() -> None:
+    heartbeat, frontend, consuming = Heartbeat(), Collector(), threading.Event()
+    monitor = HealthMonitor(heartbeat, frontend, unhealthy_after_s=5.0, consuming=consuming)
+    heartbeat.beat()
+    monitor.set_ready(True)  # restored and started, but no partition yet
+    consuming.set()
+    monitor.check()
+    assert [m.serving for m in frontend.wait_for(SetServing, 2)] == [False, True]
