@@ -26,8 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pykka
-
 from actors.errors import ActorUnavailable, StoreUnavailable
 from actors.messages import (
     Claim,
@@ -52,7 +50,7 @@ from actors.messages import (
     TickResult,
 )
 from actors.records import ActivationId, OnAttemptsExceeded, Partition, Record, Status
-from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, Ticker
+from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, Ticker, tell_if_alive
 from actors.statemachine import IngestResult, Limits, admit
 from actors.store import SqliteStore, StoreSizes
 
@@ -542,7 +540,7 @@ class SqliteDirectState(BrokerActor):
             case Stats():
                 return self._store.stats(self._ingest_paused)
             case Maintain(full_vacuum):
-                return self._maintain(full_vacuum)
+                return self._store.maintenance_if_possible(full_vacuum)
             case StoreSizesQuery():
                 return self._store.sizes()
             case _:
@@ -562,7 +560,7 @@ class SqliteDirectState(BrokerActor):
                 logger.info("SQLite store accepts ingests again")
                 self._ingest_failures = 0
             if ingest.offsets and self._consumer is not None:
-                _tell(self._consumer, Persisted(ingest.offsets))
+                tell_if_alive(self._consumer, Persisted(ingest.offsets))
         self._check_backpressure()
 
     def _ingest_failed(self, error: StoreUnavailable) -> None:
@@ -573,7 +571,9 @@ class SqliteDirectState(BrokerActor):
         backoff_s = _INGEST_RETRY_BACKOFF_S[
             min(self._ingest_failures, len(_INGEST_RETRY_BACKOFF_S)) - 1
         ]
-        self._retry_timer = threading.Timer(backoff_s, _tell, (self.actor_ref, _RetryIngest()))
+        self._retry_timer = threading.Timer(
+            backoff_s, tell_if_alive, (self.actor_ref, _RetryIngest())
+        )
         self._retry_timer.daemon = True
         self._retry_timer.start()
 
@@ -592,15 +592,7 @@ class SqliteDirectState(BrokerActor):
             return
         self._ingest_paused = paused
         if self._consumer is not None:
-            _tell(self._consumer, IngestBackpressure(pause=paused))
-
-    def _maintain(self, full_vacuum: bool) -> StoreSizes:
-        # Best effort, as in the writer: the next Maintain tries again.
-        try:
-            return self._store.maintenance(full_vacuum)
-        except StoreUnavailable as error:
-            logger.warning("SQLite maintenance skipped: %s", error)
-            return self._store.sizes()
+            tell_if_alive(self._consumer, IngestBackpressure(pause=paused))
 
     def release(self) -> None:
         if self._ticker is not None:
@@ -608,10 +600,3 @@ class SqliteDirectState(BrokerActor):
         if self._retry_timer is not None:
             self._retry_timer.cancel()
         self._store.close()
-
-
-def _tell(recipient: Recipient, message: object) -> None:
-    try:
-        recipient.tell(message)
-    except pykka.ActorDeadError:
-        logger.debug("%r not told: %r is stopped", message, recipient)

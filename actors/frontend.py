@@ -158,8 +158,9 @@ class DirectStateClient:
         pass
 
 
-class CoalescingStateClient:
-    """Claims and conclusions from concurrent calls go to the state actor in batches."""
+class CoalescingStateClient(DirectStateClient):
+    """Claims and single conclusions from concurrent calls go to the state actor in
+    batches; a batch request is already one and goes as it is."""
 
     def __init__(
         self,
@@ -168,8 +169,7 @@ class CoalescingStateClient:
         max_batch: int,
         observer: FrontendObserver,
     ) -> None:
-        self._state = state
-        self._timeout_s = timeout_s
+        super().__init__(state, timeout_s)
         self._claims: Coalescer[Claim, bytes | None] = Coalescer(
             "claim",
             self._send_claims,
@@ -189,16 +189,6 @@ class CoalescingStateClient:
     def conclude(self, conclude: Conclude) -> ConcludeResult:
         return self._conclusions.submit(conclude, self._timeout_s)
 
-    def conclude_all(self, conclusions: tuple[Conclude, ...]) -> Sequence[ConcludeResult]:
-        # Already a batch: it needs no company.
-        results: Sequence[ConcludeResult] = ask(
-            self._state, ConcludeBatch(conclusions), self._timeout_s
-        )
-        return results
-
-    def start(self) -> None:
-        pass
-
     def stop(self) -> None:
         self._claims.stop()
         self._conclusions.stop()
@@ -214,9 +204,7 @@ class CoalescingStateClient:
     ) -> Sequence[ConcludeResult]:
         if len(conclusions) == 1:
             return (ask(self._state, conclusions[0], timeout_s),)
-        results: Sequence[ConcludeResult] = ask(
-            self._state, ConcludeBatch(conclusions), timeout_s
-        )
+        results: Sequence[ConcludeResult] = ask(self._state, ConcludeBatch(conclusions), timeout_s)
         return results
 
 

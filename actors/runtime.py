@@ -323,6 +323,15 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def tell_if_alive(recipient: Any, message: object) -> None:
+    """Tell, unless the recipient has already stopped: at shutdown a peer may stop before
+    the last answer it would have got, and that answer changes nothing after a restart."""
+    try:
+        recipient.tell(message)
+    except pykka.ActorDeadError:
+        logger.debug("%r not told: %r is stopped", message, recipient)
+
+
 def ask(ref: pykka.ActorRef[Any], message: object, timeout_s: float) -> Any:
     """Ask with a timeout, translating pykka's failures into the broker's errors.
 

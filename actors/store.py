@@ -365,6 +365,15 @@ class SqliteStore:
             raise self._translate(exc, "maintenance") from exc
         return self.sizes()
 
+    def maintenance_if_possible(self, full_vacuum: bool) -> StoreSizes:
+        """`maintenance`, best effort: a busy or full store stays usable, the failure is
+        logged, and the next pass tries again."""
+        try:
+            return self.maintenance(full_vacuum)
+        except StoreUnavailable as error:
+            logger.warning("SQLite maintenance skipped: %s", error)
+            return self.sizes()
+
     def sizes(self) -> StoreSizes:
         return StoreSizes(
             db_bytes=_file_size(self._path),

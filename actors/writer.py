@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import pykka
-
 from actors.errors import ConfigError, StoreUnavailable
 from actors.messages import (
     Flush,
@@ -29,8 +27,8 @@ from actors.messages import (
     Restore,
     StoreSizesQuery,
 )
-from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver
-from actors.store import SqliteStore, StoreSizes
+from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, tell_if_alive
+from actors.store import SqliteStore
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +133,7 @@ class SqliteWriter(BrokerActor):
                 self._state.tell(Restore(tuple(records)))
                 return len(records)
             case Maintain(full_vacuum):
-                return self._maintain(full_vacuum)
+                return self._store.maintenance_if_possible(full_vacuum)
             case StoreSizesQuery():
                 return self._store.sizes()
             case _:
@@ -165,8 +163,8 @@ class SqliteWriter(BrokerActor):
         # The consumer hears first: once the state has its FlushDone, a shutdown may stop the
         # consumer, and by then the Persisted must already be in the consumer's mailbox.
         if flush.offsets and self._persisted_listener is not None:
-            _tell(self._persisted_listener, Persisted(flush.offsets))
-        _tell(self._state, FlushDone(flush.seq))
+            tell_if_alive(self._persisted_listener, Persisted(flush.offsets))
+        tell_if_alive(self._state, FlushDone(flush.seq))
 
     def _failed(self, seq: int, error: StoreUnavailable) -> None:
         self._failures += 1
@@ -184,30 +182,15 @@ class SqliteWriter(BrokerActor):
         # backoff delays the answer. A timer delays it without holding this thread:
         # a stop or a sizes query during an outage is served at once, not after the
         # backoff. Only one flush is outstanding, so at most one timer is pending.
-        report = threading.Timer(backoff_s, _tell, (self._state, FlushFailed(seq, str(error))))
+        report = threading.Timer(
+            backoff_s, tell_if_alive, (self._state, FlushFailed(seq, str(error)))
+        )
         report.name = f"{self.name}-flush-{seq}-failed"
         report.daemon = True
         self._failure_report = report
         report.start()
 
-    def _maintain(self, full_vacuum: bool) -> StoreSizes:
-        # Best effort: a busy or full store stays usable, and the next Maintain tries again.
-        try:
-            return self._store.maintenance(full_vacuum)
-        except StoreUnavailable as error:
-            logger.warning("SQLite maintenance skipped: %s", error)
-            return self._store.sizes()
-
     def release(self) -> None:
         if self._failure_report is not None:
             self._failure_report.cancel()
         self._store.close()
-
-
-def _tell(recipient: Recipient, message: object) -> None:
-    # At shutdown the state or the consumer may stop before the writer's last answer;
-    # the commit stands either way, and the restart restores it.
-    try:
-        recipient.tell(message)
-    except pykka.ActorDeadError:
-        logger.debug("%r not told: %r is stopped", message, recipient)
