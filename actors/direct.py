@@ -5,7 +5,7 @@ This is the classic broker this project exists to beat, built to be a fair oppon
 same schema, WAL and pragmas as the writer's store (`DirectStore` extends `SqliteStore`);
 one write connection guarded by one lock; a claim is one `UPDATE … RETURNING` over the
 (status, added_at) index, oldest first; a result and the claim of the next task share one
-transaction; a batch of results is one transaction. gRPC handler threads run the SQL
+transaction; a batch of results is one transaction. The front end's threads run the SQL
 themselves through `SqliteDirectStateClient`, with no actor hop. Ingest, ticks and produced
 confirmations go through `SqliteDirectState`, an actor that writes to the same store under
 the same lock and tells the consumer `Persisted` as soon as an ingest commits.
@@ -411,8 +411,8 @@ class DirectStore(SqliteStore):
 
 
 class SqliteDirectStateClient:
-    """The front end's `StateClient` in sqlite-direct mode: each call runs its transaction
-    in the gRPC handler thread itself."""
+    """The front end's `BlockingStateClient` in sqlite-direct mode: each call runs its
+    transaction on one of the front end's state threads, with no actor hop."""
 
     def __init__(self, store: DirectStore, clock: Callable[[], float] = time.time) -> None:
         self._store = store
@@ -432,12 +432,6 @@ class SqliteDirectStateClient:
     def conclude_all(self, conclusions: tuple[Conclude, ...]) -> Sequence[ConcludeResult]:
         with _unavailable_to_callers():
             return self._store.conclude_all(conclusions)
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
 
 
 @contextmanager

@@ -1,24 +1,27 @@
 """GrpcFrontend: the `sentry_protos.taskbroker.v1.ConsumerService` and gRPC health, answered
 from the state actor.
 
+The server is grpc.aio, on one event loop in one thread of its own. Every handler runs on
+that loop, and the state asks of one round of the loop go to the state actor as one batch
+(`actors.batcher`): no thread pool, no hand-off per call. Measured with `python -m loadtest
+grpc` (2 cores, 4 client processes of 64 coroutines each): see `FrontendConfig.max_batch`.
+
 The service is registered on raw bytes (no deserializer, no serializer), for three reasons:
 a malformed request is answered INVALID_ARGUMENT by our code instead of grpc's generic
 error and traceback; the signature is checked over the bytes exactly as they arrived; and
 a task goes out as its stored bytes framed as a response, never parsed and re-serialized.
-
-The server is grpcio's synchronous one with a thread pool: on this machine it served
-about half again as many unary calls per second as grpc.aio with the same client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import grpc
 import pykka
@@ -26,12 +29,12 @@ from google.protobuf.message import DecodeError
 
 from actors.activation import get_task_response_bytes
 from actors.auth import SignatureCheck
-from actors.coalescer import Coalescer
+from actors.batcher import StateBatcher
 from actors.errors import ActorUnavailable, ConfigError, MailboxFull
-from actors.messages import Claim, ClaimBatch, Conclude, ConcludeBatch, ConcludeResult, SetServing
+from actors.messages import Claim, Conclude, ConcludeResult, SetServing
 from actors.records import ActivationId, Status
-from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, ask
-from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
+from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver
+from actors.wire.grpc.health.v1 import health_pb2
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,8 @@ SERVICE_NAME: Final = "sentry_protos.taskbroker.v1.ConsumerService"
 GET_TASK: Final = "GetTask"
 SET_TASK_STATUS: Final = "SetTaskStatus"
 SET_BATCH_ACTIVATION_STATUS: Final = "SetBatchActivationStatus"
+
+HEALTH_SERVICE_NAME: Final = "grpc.health.v1.Health"
 
 NO_PENDING_ACTIVATIONS: Final = "No pending activations"
 
@@ -50,9 +55,10 @@ _CONCLUSIONS: Final[dict[int, Status]] = {
     pb.TASK_ACTIVATION_STATUS_FAILURE: Status.FAILURE,
 }
 
-# A Watch stream re-checks that its client is still there at least this often, in case
-# grpc's termination callback was missed.
-_WATCH_RECHECK_S: Final = 1.0
+# Starting and stopping the loop's thread and the server on it.
+_LOOP_START_TIMEOUT_S: Final = 10.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,33 +67,25 @@ class FrontendConfig:
     port: int = 50051
     """0 picks a free port; `GrpcFrontend.port` tells which."""
     max_workers: int = 16
-    """Handler threads. More threads mean more GIL contention: on 2 cores a bare grpcio
-    server answered more calls with 8 threads than with 32. Each health Watch stream holds
-    one thread while it is open."""
+    """Threads for a blocking state client (the sqlite-direct design runs its SQL on them);
+    the state actor's calls need none."""
     max_message_bytes: int = 10 * 1024 * 1024
     """Both directions; workers accept activations of up to 10 MiB."""
     state_ask_timeout_ms: int = 1000
     shared_secrets: tuple[str, ...] = ()
     """Request signing keys, any of which is accepted; empty turns signing off."""
-    coalesce: bool = True
-    """Send concurrent claims and conclusions to the state actor in batches. Measured with
-    `python -m loadtest grpc` on 2 cores, 16 handler threads: 1,504 cycles/s against 1,147
-    with one ask per call (medians of 5 rounds; it won 7 rounds of 8). With 32 threads it
-    lost (982 against 1,083): more threads contend for the GIL around one sender."""
-    coalesce_max_batch: int = 256
+    max_batch: int = 1024
+    """Requests per batch to the state actor. A batch of 1,024 claims takes the state actor
+    about 20 ms; callers beyond it wait for the next batch."""
     stop_grace_s: float = 5.0
     """How long calls in progress may finish when the front end stops."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be within 0..65535, got {self.port}")
-        for key in ("max_workers", "max_message_bytes", "state_ask_timeout_ms"):
+        for key in ("max_workers", "max_message_bytes", "state_ask_timeout_ms", "max_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.coalesce_max_batch < 1:
-            raise ConfigError(
-                f"coalesce_max_batch must be at least 1, got {self.coalesce_max_batch}"
-            )
         if self.stop_grace_s < 0:
             raise ConfigError(f"stop_grace_s must not be negative, got {self.stop_grace_s}")
         if isinstance(self.shared_secrets, str):
@@ -95,14 +93,13 @@ class FrontendConfig:
 
 
 class FrontendObserver(Protocol):
-    """Receives the front end's measurements; called from handler and dispatcher threads,
-    so implementations must be thread-safe."""
+    """Receives the front end's measurements, on the front end's event loop thread."""
 
     def handled(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         """One ConsumerService call answered: its method name, status code and duration."""
 
     def batch_sent(self, kind: str, size: int) -> None:
-        """One coalesced ask went to the state actor: "claim" or "conclude", and its size."""
+        """One batch of `size` requests went to the state actor; `kind` is "work"."""
 
 
 class _SilentObserver:
@@ -113,11 +110,25 @@ class _SilentObserver:
         pass
 
 
-# --- Talking to the state actor ----------------------------------------------------------
+# --- Talking to the state ----------------------------------------------------------------
 
 
 class StateClient(Protocol):
-    """How handlers reach the state actor: one ask per call, or coalesced."""
+    """How handlers reach the state, from the event loop."""
+
+    async def claim(self, claim: Claim) -> bytes | None: ...
+
+    async def conclude(self, conclude: Conclude) -> ConcludeResult: ...
+
+    async def conclude_all(self, conclusions: tuple[Conclude, ...]) -> Sequence[ConcludeResult]: ...
+
+    def stop(self) -> None:
+        """Refuse new requests; called on the loop after the server has stopped."""
+
+
+class BlockingStateClient(Protocol):
+    """A state that answers in the caller's thread, taking its time (the sqlite-direct
+    design's transactions)."""
 
     def claim(self, claim: Claim) -> bytes | None: ...
 
@@ -125,87 +136,55 @@ class StateClient(Protocol):
 
     def conclude_all(self, conclusions: tuple[Conclude, ...]) -> Sequence[ConcludeResult]: ...
 
-    def start(self) -> None: ...
 
-    def stop(self) -> None: ...
+class ActorStateClient:
+    """The state actor, asked in batches: one `WorkBatch` per round of the loop."""
 
+    def __init__(self, batcher: StateBatcher) -> None:
+        self._batcher = batcher
 
-class DirectStateClient:
-    """One ask per call."""
+    def __repr__(self) -> str:
+        return f"<ActorStateClient {self._batcher!r}>"
 
-    def __init__(self, state: pykka.ActorRef[Any], timeout_s: float) -> None:
-        self._state = state
-        self._timeout_s = timeout_s
+    async def claim(self, claim: Claim) -> bytes | None:
+        (answer,) = await self._batcher.ask((claim,))
+        return answer  # type: ignore[return-value]  # a Claim is answered with bytes or None
 
-    def claim(self, claim: Claim) -> bytes | None:
-        answer: bytes | None = ask(self._state, claim, self._timeout_s)
-        return answer
+    async def conclude(self, conclude: Conclude) -> ConcludeResult:
+        (result,) = await self._batcher.ask((conclude,))
+        return result  # type: ignore[return-value]  # a Conclude gets a ConcludeResult
 
-    def conclude(self, conclude: Conclude) -> ConcludeResult:
-        result: ConcludeResult = ask(self._state, conclude, self._timeout_s)
-        return result
-
-    def conclude_all(self, conclusions: tuple[Conclude, ...]) -> Sequence[ConcludeResult]:
-        results: Sequence[ConcludeResult] = ask(
-            self._state, ConcludeBatch(conclusions), self._timeout_s
-        )
-        return results
-
-    def start(self) -> None:
-        pass
+    async def conclude_all(self, conclusions: tuple[Conclude, ...]) -> Sequence[ConcludeResult]:
+        return await self._batcher.ask(conclusions)  # type: ignore[return-value]
 
     def stop(self) -> None:
-        pass
+        self._batcher.stop()
 
 
-class CoalescingStateClient(DirectStateClient):
-    """Claims and single conclusions from concurrent calls go to the state actor in
-    batches; a batch request is already one and goes as it is."""
+class ThreadedStateClient:
+    """A blocking state client run on a thread pool, so that its waits never stall the loop."""
 
-    def __init__(
-        self,
-        state: pykka.ActorRef[Any],
-        timeout_s: float,
-        max_batch: int,
-        observer: FrontendObserver,
-    ) -> None:
-        super().__init__(state, timeout_s)
-        self._claims: Coalescer[Claim, bytes | None] = Coalescer(
-            "claim",
-            self._send_claims,
-            max_batch,
-            on_batch=lambda size: observer.batch_sent("claim", size),
-        )
-        self._conclusions: Coalescer[Conclude, ConcludeResult] = Coalescer(
-            "conclude",
-            self._send_conclusions,
-            max_batch,
-            on_batch=lambda size: observer.batch_sent("conclude", size),
-        )
+    def __init__(self, blocking: BlockingStateClient, threads: int) -> None:
+        self._blocking = blocking
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc-state")
 
-    def claim(self, claim: Claim) -> bytes | None:
-        return self._claims.submit(claim, self._timeout_s)
+    def __repr__(self) -> str:
+        return f"<ThreadedStateClient {self._blocking!r}>"
 
-    def conclude(self, conclude: Conclude) -> ConcludeResult:
-        return self._conclusions.submit(conclude, self._timeout_s)
+    async def claim(self, claim: Claim) -> bytes | None:
+        return await self._run(self._blocking.claim, claim)
+
+    async def conclude(self, conclude: Conclude) -> ConcludeResult:
+        return await self._run(self._blocking.conclude, conclude)
+
+    async def conclude_all(self, conclusions: tuple[Conclude, ...]) -> Sequence[ConcludeResult]:
+        return await self._run(self._blocking.conclude_all, conclusions)
 
     def stop(self) -> None:
-        self._claims.stop()
-        self._conclusions.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _send_claims(self, claims: tuple[Claim, ...], timeout_s: float) -> Sequence[bytes | None]:
-        if len(claims) == 1:
-            return (ask(self._state, claims[0], timeout_s),)
-        answers: Sequence[bytes | None] = ask(self._state, ClaimBatch(claims), timeout_s)
-        return answers
-
-    def _send_conclusions(
-        self, conclusions: tuple[Conclude, ...], timeout_s: float
-    ) -> Sequence[ConcludeResult]:
-        if len(conclusions) == 1:
-            return (ask(self._state, conclusions[0], timeout_s),)
-        results: Sequence[ConcludeResult] = ask(self._state, ConcludeBatch(conclusions), timeout_s)
-        return results
+    def _run(self, call: Callable[[Any], T], argument: object) -> Awaitable[T]:
+        return asyncio.get_running_loop().run_in_executor(self._pool, call, argument)
 
 
 # --- ConsumerService -----------------------------------------------------------------------
@@ -220,7 +199,7 @@ class RequestRefused(Exception):
         self.details = details
 
 
-UnaryHandler = Callable[[bytes, grpc.ServicerContext], bytes]
+UnaryHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
 
 class ConsumerService:
@@ -242,21 +221,21 @@ class ConsumerService:
         self._observer: FrontendObserver = observer if observer is not None else _SilentObserver()
 
     def __repr__(self) -> str:
-        return f"<ConsumerService {type(self._state).__name__} {self._signature!r}>"
+        return f"<ConsumerService {self._state!r} {self._signature!r}>"
 
-    def get_task(self, request: bytes) -> bytes:
+    async def get_task(self, request: bytes) -> bytes:
         message = _parse(pb.GetTaskRequest, request)
         claim = Claim(application=message.application or None, namespace=message.namespace or None)
-        activation = self._state.claim(claim)
+        activation = await self._state.claim(claim)
         if activation is None:
             raise RequestRefused(grpc.StatusCode.NOT_FOUND, NO_PENDING_ACTIVATIONS)
         return get_task_response_bytes(activation)
 
-    def set_task_status(self, request: bytes) -> bytes:
+    async def set_task_status(self, request: bytes) -> bytes:
         conclude = _conclusion(_parse(pb.SetTaskStatusRequest, request), keep_fetch_next=True)
-        return get_task_response_bytes(self._state.conclude(conclude).next_task)
+        return get_task_response_bytes((await self._state.conclude(conclude)).next_task)
 
-    def set_batch_activation_status(self, request: bytes) -> bytes:
+    async def set_batch_activation_status(self, request: bytes) -> bytes:
         message = _parse(pb.SetBatchActivationStatusRequest, request)
         # Every update is checked before any is applied, so a refused batch changed nothing.
         conclusions = []
@@ -266,12 +245,12 @@ class ConsumerService:
             except RequestRefused as refused:
                 raise RequestRefused(refused.code, f"updates[{index}]: {refused.details}") from None
         if conclusions:
-            self._state.conclude_all(tuple(conclusions))
+            await self._state.conclude_all(tuple(conclusions))
         return b""  # SetBatchActivationStatusResponse has no fields
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """The grpc method handlers, by method name, on raw bytes."""
-        answers: dict[str, Callable[[bytes], bytes]] = {
+        answers: dict[str, Callable[[bytes], Awaitable[bytes]]] = {
             GET_TASK: self.get_task,
             SET_TASK_STATUS: self.set_task_status,
             SET_BATCH_ACTIVATION_STATUS: self.set_batch_activation_status,
@@ -281,22 +260,25 @@ class ConsumerService:
             for name, answer in answers.items()
         }
 
-    def _unary(self, method: str, answer: Callable[[bytes], bytes]) -> UnaryHandler:
+    def _unary(self, method: str, answer: Callable[[bytes], Awaitable[bytes]]) -> UnaryHandler:
         path = f"/{SERVICE_NAME}/{method}"
         signature, observer = self._signature, self._observer
 
-        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
                 _authenticate(signature, path, request, context)
-                return answer(request)
+                return await answer(request)
             except RequestRefused as refused:
                 code, details = refused.code, refused.details
             except MailboxFull as error:
                 code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
             except ActorUnavailable as error:
                 code, details = grpc.StatusCode.UNAVAILABLE, str(error)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED  # the client went away; nobody to answer
+                raise
             except Exception:
                 # A bug, not a request's fault: the trace is the point of the log line.
                 logger.exception("%s failed", method)
@@ -311,7 +293,7 @@ class ConsumerService:
 
 
 def _authenticate(
-    signature: SignatureCheck, path: str, request: bytes, context: grpc.ServicerContext
+    signature: SignatureCheck, path: str, request: bytes, context: grpc.aio.ServicerContext
 ) -> None:
     # Reading the metadata costs a copy per call: only when signing is on.
     if signature.enabled and not signature.verify(path, request, context.invocation_metadata()):
@@ -362,58 +344,65 @@ def _status_name(value: int) -> str:
 _ServingStatus = health_pb2.HealthCheckResponse.ServingStatus
 
 
-class HealthService(health_pb2_grpc.HealthServicer):
+class HealthService:
     """grpc.health.v1 for the whole server ("") and the ConsumerService, which share one
-    status: NOT_SERVING until the broker says it is ready."""
+    status: NOT_SERVING until the broker says it is ready. Every method runs on the front
+    end's event loop."""
 
     SERVICES: Final = ("", SERVICE_NAME)
 
     def __init__(self) -> None:
-        self._changed = threading.Condition()
         self._serving = False
         self._closed = False
+        # Replaced at every change: a Watch stream waits on the one current when it last sent.
+        self._changed = asyncio.Event()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("serving" if self._serving else "not serving")
         return f"<HealthService {state}>"
 
     def set_serving(self, serving: bool) -> None:
-        with self._changed:
-            self._serving = serving
-            self._changed.notify_all()
+        self._serving = serving
+        self._announce()
 
     def close(self) -> None:
         """NOT_SERVING for good; every Watch stream sends that and ends."""
-        with self._changed:
-            self._serving = False
-            self._closed = True
-            self._changed.notify_all()
+        self._serving = False
+        self._closed = True
+        self._announce()
 
-    def Check(  # noqa: N802 - the generated servicer's name
-        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    async def Check(  # noqa: N802 - the generated servicer's name
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
         status = self._status_of(request.service)
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
-    def Watch(  # noqa: N802 - the generated servicer's name
-        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
-    ) -> Iterator[health_pb2.HealthCheckResponse]:
-        context.add_callback(self._wake_watchers)
+    async def Watch(  # noqa: N802 - the generated servicer's name
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         sent: _ServingStatus | None = None
-        while context.is_active():
-            with self._changed:
-                status = self._status_of(request.service)
-                if status == sent and not self._closed:
-                    self._changed.wait(_WATCH_RECHECK_S)
-                    continue
-                closed = self._closed
+        while True:
+            changed = self._changed
+            status = self._status_of(request.service)
             if status != sent:
                 sent = status
                 yield health_pb2.HealthCheckResponse(status=status)
-            if closed:
+            if self._closed:
                 return
+            await changed.wait()
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        request, response = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+        return {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                self.Check, request.FromString, response.SerializeToString
+            ),
+            "Watch": grpc.unary_stream_rpc_method_handler(
+                self.Watch, request.FromString, response.SerializeToString
+            ),
+        }
 
     def _status_of(self, service: str) -> _ServingStatus:
         if service not in self.SERVICES:
@@ -422,18 +411,28 @@ class HealthService(health_pb2_grpc.HealthServicer):
             return health_pb2.HealthCheckResponse.SERVING
         return health_pb2.HealthCheckResponse.NOT_SERVING
 
-    def _wake_watchers(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
+    def _announce(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
 
 # --- The actor ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Served:
+    """What runs on the loop: built there, because grpc.aio binds to the loop it starts on."""
+
+    server: grpc.aio.Server
+    port: int
+    health: HealthService
+    state: StateClient
+
+
 class GrpcFrontend(BrokerActor):
-    """The grpcio server as an actor: bound in __init__ (a port in use fails the start),
-    serving from on_start, stopped with a grace in on_stop. It takes one message,
-    `SetServing`, which flips health."""
+    """The grpc.aio server as an actor: its event loop runs in a thread of its own; the
+    server is bound in __init__ (a port in use fails the start), serves from on_start, and
+    stops with a grace in release. It takes one message, `SetServing`, which flips health."""
 
     def __init__(
         self,
@@ -443,27 +442,73 @@ class GrpcFrontend(BrokerActor):
         *,
         observer: FrontendObserver | None = None,
         mailbox_observer: MailboxObserver | None = None,
-        state_client: StateClient | None = None,
+        state_client: BlockingStateClient | None = None,
     ) -> None:
-        """`state_client`, when given, replaces the client built from `state` and
-        `config.coalesce` (the sqlite-direct design brings its own)."""
+        """`state_client`, when given, answers instead of the state actor (the sqlite-direct
+        design brings its own), on `config.max_workers` threads."""
         super().__init__("frontend", mailbox or MailboxConfig(size=100), mailbox_observer)
         self._config = config
-        observer = observer if observer is not None else _SilentObserver()
-        timeout_s = config.state_ask_timeout_ms / 1000
-        if state_client is None:
-            state_client = (
-                CoalescingStateClient(state, timeout_s, config.coalesce_max_batch, observer)
-                if config.coalesce
-                else DirectStateClient(state, timeout_s)
-            )
-        self._state_client: StateClient = state_client
-        self._health = HealthService()
-        service = ConsumerService(
-            self._state_client, SignatureCheck(config.shared_secrets), observer
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="grpc-frontend-loop", daemon=True
         )
-        self._server = grpc.server(
-            ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="grpc"),
+        self._thread.start()
+        try:
+            self._served = self._on_loop(self._serve(state, state_client, observer))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def __repr__(self) -> str:
+        return f"<GrpcFrontend {self._config.host}:{self._served.port} {self._served.health!r}>"
+
+    @property
+    def port(self) -> int:
+        """The bound port (the chosen one when the config asked for port 0)."""
+        return self._served.port
+
+    def on_start(self) -> None:
+        self._on_loop(self._served.server.start())
+        logger.info("serving gRPC on %s:%d", self._config.host, self._served.port)
+
+    def handle(self, message: object) -> object:
+        match message:
+            case SetServing(serving):
+                self._loop.call_soon_threadsafe(self._served.health.set_serving, serving)
+                logger.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+            case _:
+                raise TypeError(f"frontend got an unknown message: {message!r}")
+        return None
+
+    def release(self) -> None:
+        try:
+            self._on_loop(self._shut_down(), self._config.stop_grace_s + _LOOP_START_TIMEOUT_S)
+        finally:
+            self._stop_loop()
+
+    async def _serve(
+        self,
+        state: pykka.ActorRef[Any],
+        blocking: BlockingStateClient | None,
+        observer: FrontendObserver | None,
+    ) -> _Served:
+        config = self._config
+        observer = observer if observer is not None else _SilentObserver()
+        client: StateClient
+        if blocking is None:
+            on_batch = observer.batch_sent
+            batcher = StateBatcher(
+                state,
+                asyncio.get_running_loop(),
+                config.state_ask_timeout_ms / 1000,
+                config.max_batch,
+                on_batch=lambda size: on_batch("work", size),
+            )
+            client = ActorStateClient(batcher)
+        else:
+            client = ThreadedStateClient(blocking, config.max_workers)
+        service = ConsumerService(client, SignatureCheck(config.shared_secrets), observer)
+        server = grpc.aio.server(
             handlers=[
                 grpc.method_handlers_generic_handler(SERVICE_NAME, service.method_handlers())
             ],
@@ -475,43 +520,38 @@ class GrpcFrontend(BrokerActor):
                 ("grpc.so_reuseport", 0),
             ],
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        self._port = self._bind(config.host, config.port)
+        health = HealthService()
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(HEALTH_SERVICE_NAME, health.method_handlers()),)
+        )
+        return _Served(server, _bind(server, config.host, config.port), health, client)
 
-    def __repr__(self) -> str:
-        return f"<GrpcFrontend {self._config.host}:{self._port} {self._health!r}>"
-
-    @property
-    def port(self) -> int:
-        """The bound port (the chosen one when the config asked for port 0)."""
-        return self._port
-
-    def on_start(self) -> None:
-        self._state_client.start()
-        self._server.start()
-        logger.info("serving gRPC on %s:%d", self._config.host, self._port)
-
-    def handle(self, message: object) -> object:
-        match message:
-            case SetServing(serving):
-                self._health.set_serving(serving)
-                logger.info("health: %s", "SERVING" if serving else "NOT_SERVING")
-            case _:
-                raise TypeError(f"frontend got an unknown message: {message!r}")
-        return None
-
-    def _bind(self, host: str, port: int) -> int:
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        try:
-            bound = self._server.add_insecure_port(address)
-        except RuntimeError as error:
-            raise ConfigError(f"port: cannot listen on {address} (in use?): {error}") from None
-        if bound == 0:
-            raise ConfigError(f"port: cannot listen on {address} (in use?)")
-        return int(bound)
-
-    def release(self) -> None:
+    async def _shut_down(self) -> None:
+        served = self._served
         # Health first, so Watch streams end and do not hold the grace period open.
-        self._health.close()
-        self._server.stop(self._config.stop_grace_s).wait(self._config.stop_grace_s + 1.0)
-        self._state_client.stop()
+        served.health.close()
+        await served.server.stop(self._config.stop_grace_s)
+        served.state.stop()
+
+    def _on_loop(self, work: Awaitable[T], timeout_s: float = _LOOP_START_TIMEOUT_S) -> T:
+        async def run() -> T:
+            return await work
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout_s)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(_LOOP_START_TIMEOUT_S)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise ConfigError(f"port: cannot listen on {address} (in use?): {error}") from None
+    if bound == 0:
+        raise ConfigError(f"port: cannot listen on {address} (in use?)")
+    return int(bound)

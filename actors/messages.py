@@ -92,6 +92,22 @@ class ConcludeBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkBatch:
+    """The claims and results of many worker calls in one mailbox message (ask).
+
+    Answered with one answer per request, in order: the serialized activation or None for
+    a `Claim`, a `ConcludeResult` for a `Conclude`. The front end sends one per round of
+    its event loop, so one wake-up of the state actor serves every call of that round.
+    """
+
+    requests: tuple[Claim | Conclude, ...]
+
+
+WorkAnswer = bytes | None | ConcludeResult
+"""What the state actor answers for one request of a `WorkBatch`."""
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """The clock moved (ask): run deadline resets, expiry, delays, and the attempts cap.
 

@@ -13,20 +13,23 @@ import abc
 import gc
 import logging
 import math
+import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pykka
+from pykka._envelope import Envelope
 from pykka.messages import _ActorStop
 
 from actors.errors import ActorUnavailable, MailboxFull
 
 if TYPE_CHECKING:
-    from pykka._envelope import Envelope
+    from pykka._types import OptExcInfo
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +350,51 @@ def ask(ref: pykka.ActorRef[Any], message: object, timeout_s: float) -> Any:
         ) from None
     except pykka.ActorDeadError:
         raise ActorUnavailable(f"{ref.actor_class.__name__} is stopped") from None
+
+
+AnswerCallback = Callable[[Any, BaseException | None], None]
+"""Receives an ask's answer, or the error that replaced it: `(answer, None)` or
+`(None, error)`."""
+
+
+class _CallbackReply(pykka.Future[Any]):
+    """A reply slot that nobody waits on: the answer goes to a callback, on the thread that
+    sets it (the actor's; the sender's when the mailbox refuses the message)."""
+
+    def __init__(self, on_answer: AnswerCallback, recipient: str) -> None:
+        super().__init__()
+        self._on_answer = on_answer
+        self._recipient = recipient
+
+    def get(self, *, timeout: float | None = None) -> Any:
+        raise NotImplementedError("this answer goes to a callback; nobody waits on it")
+
+    def set(self, value: Any | None = None) -> None:
+        self._on_answer(value, None)
+
+    def set_exception(self, exc_info: OptExcInfo | None = None) -> None:
+        error = (exc_info if exc_info is not None else sys.exc_info())[1]
+        if error is None or isinstance(error, pykka.ActorDeadError):
+            error = ActorUnavailable(f"{self._recipient} is stopped")
+        self._on_answer(None, error)
+
+
+def ask_with_callback(ref: pykka.ActorRef[Any], message: object, on_answer: AnswerCallback) -> None:
+    """Ask without waiting: `on_answer` is called once, with the answer or the error.
+
+    For callers that must not block on the answer (an event loop): the actor calls it on
+    its own thread when it has handled the message. A dead actor or a full mailbox (`fail`
+    policy, or `block` past its push timeout) calls it at once, in the caller's thread,
+    with `ActorUnavailable` or `MailboxFull`.
+    """
+    recipient = ref.actor_class.__name__
+    if not ref.is_alive():
+        on_answer(None, ActorUnavailable(f"{recipient} is stopped"))
+        return
+    try:
+        ref.actor_inbox.put(Envelope(message, reply_to=_CallbackReply(on_answer, recipient)))
+    except MailboxFull as error:
+        on_answer(None, error)
 
 
 def mailbox_stats_of(ref: pykka.ActorRef[Any]) -> MailboxStats:

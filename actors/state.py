@@ -32,6 +32,7 @@ from actors.messages import (
     Stats,
     Tick,
     TickResult,
+    WorkBatch,
 )
 from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, Ticker
 from actors.statemachine import Limits, StateMachine
@@ -89,6 +90,12 @@ class StateActor(BrokerActor):
     def handle(self, message: object) -> object:  # noqa: PLR0911, PLR0912 - one branch per message
         machine = self._machine
         match message:
+            case WorkBatch(requests):
+                answers = tuple(
+                    self._claim(r) if isinstance(r, Claim) else self._conclude(r) for r in requests
+                )
+                self._after_change()
+                return answers
             case ConcludeBatch(conclusions):
                 results = tuple(self._conclude(c) for c in conclusions)
                 self._after_change()

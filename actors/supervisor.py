@@ -30,7 +30,7 @@ from actors.consumer import BatchLimits, ConsumerConfig, KafkaConsumer
 from actors.direct import DirectStore, SqliteDirectState, SqliteDirectStateClient
 from actors.embedded_kafka import EmbeddedKafka, TopicSpec
 from actors.errors import ActorUnavailable, BrokerError
-from actors.frontend import FrontendConfig, GrpcFrontend, StateClient
+from actors.frontend import BlockingStateClient, FrontendConfig, GrpcFrontend
 from actors.messages import Connect, Drain, LoadAndRestore, StopConsuming
 from actors.ops_http import OpsEndpoint
 from actors.producer import KafkaProducer, ProducerConfig
@@ -165,7 +165,7 @@ class Supervisor:
         )
         state: pykka.ActorRef[Any]
         writer: pykka.ActorRef[Any]
-        state_client: StateClient | None = None
+        state_client: BlockingStateClient | None = None
         persisted = _Relay()
         if config.store_mode is StoreMode.SQLITE_DIRECT:
             # The comparison design: the file is the state, written on the request path.

@@ -64,7 +64,7 @@ def broker_starter() -> Iterator[StartBroker]:
 
     def start(
         *,
-        coalesce: bool = True,
+        max_batch: int = FrontendConfig().max_batch,
         shared_secrets: tuple[str, ...] = (),
         state_ask_timeout_ms: int = 2000,
         state_mailbox: MailboxConfig | None = None,
@@ -79,7 +79,7 @@ def broker_starter() -> Iterator[StartBroker]:
             max_workers=8,
             shared_secrets=shared_secrets,
             state_ask_timeout_ms=state_ask_timeout_ms,
-            coalesce=coalesce,
+            max_batch=max_batch,
             stop_grace_s=1.0,
         )
         frontend = GrpcFrontend.start(config, state)

@@ -14,8 +14,7 @@ import pykka
 import pytest
 
 from actors.auth import SIGNATURE_METADATA_KEY, sign
-from actors.coalescer import Coalescer
-from actors.errors import ActorUnavailable, ConfigError, MailboxFull
+from actors.errors import ConfigError, MailboxFull
 from actors.frontend import SERVICE_NAME, FrontendConfig, GrpcFrontend
 from actors.messages import (
     Connect,
@@ -37,11 +36,9 @@ SET_TASK_STATUS_PATH = f"/{SERVICE_NAME}/SetTaskStatus"
 SET_BATCH_PATH = f"/{SERVICE_NAME}/SetBatchActivationStatus"
 
 
-@pytest.fixture(params=[True, False], ids=["coalescing", "direct"])
-def broker(request: pytest.FixtureRequest, start_broker: StartBroker) -> Broker:
-    """Both state clients must give the same answers: every semantic test runs on each."""
-    coalesce: bool = request.param
-    return start_broker(coalesce=coalesce)
+@pytest.fixture
+def broker(start_broker: StartBroker) -> Broker:
+    return start_broker()
 
 
 def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
@@ -418,11 +415,10 @@ def deliver(actor: pykka.ActorRef[Any], message: object) -> None:
             return
 
 
-@pytest.mark.parametrize("coalesce", [True, False], ids=["coalescing", "direct"])
 def test_a_state_actor_that_cannot_answer_gives_unavailable(
-    start_broker: StartBroker, stuck_writer: BlockingWriter, coalesce: bool
+    start_broker: StartBroker, stuck_writer: BlockingWriter
 ) -> None:
-    broker = start_broker(coalesce=coalesce, state_ask_timeout_ms=200)
+    broker = start_broker(state_ask_timeout_ms=200)
     stick(broker, stuck_writer)
     started = time.monotonic()
     error = rpc_error(lambda: broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S))
@@ -441,13 +437,10 @@ def answers_again(broker: Broker) -> bool:
     return True
 
 
-@pytest.mark.parametrize("coalesce", [True, False], ids=["coalescing", "direct"])
 def test_a_full_fail_mailbox_gives_resource_exhausted(
-    start_broker: StartBroker, stuck_writer: BlockingWriter, coalesce: bool
+    start_broker: StartBroker, stuck_writer: BlockingWriter
 ) -> None:
-    broker = start_broker(
-        coalesce=coalesce, state_mailbox=MailboxConfig(size=1, policy=MailboxPolicy.FAIL)
-    )
+    broker = start_broker(state_mailbox=MailboxConfig(size=1, policy=MailboxPolicy.FAIL))
     stick(broker, stuck_writer)
     # The state actor's flush timer fills the one place in its mailbox.
     wait_until(lambda: mailbox_stats_of(broker.state).depth >= 1)
@@ -475,110 +468,6 @@ def test_requests_over_the_size_limit_are_refused(start_broker: StartBroker) -> 
     raw = broker.channel.unary_unary(GET_TASK_PATH)
     error = rpc_error(lambda: raw(b"\x12" + b"\x80\x80\x80\x08" + b"x" * (16 << 20)))
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-# --- Coalescing --------------------------------------------------------------------------------
-
-
-def test_concurrent_calls_reach_the_state_actor_in_batches() -> None:
-    """While one batch is out, the next gathers: a lone item first, then all who waited."""
-    sent: list[tuple[int, ...]] = []
-    first_out, release = threading.Event(), threading.Event()
-
-    def send(items: tuple[int, ...], timeout_s: float) -> list[int]:
-        sent.append(items)
-        first_out.set()
-        release.wait(TIMEOUT_S)
-        return [item * 10 for item in items]
-
-    coalescer: Coalescer[int, int] = Coalescer("test", send, max_batch=100)
-    results: dict[int, int] = {}
-
-    def submit(item: int) -> None:
-        results[item] = coalescer.submit(item, TIMEOUT_S)
-
-    try:
-        threads = [threading.Thread(target=submit, args=(0,))]
-        threads[0].start()
-        assert first_out.wait(TIMEOUT_S)
-        threads += [threading.Thread(target=submit, args=(i,)) for i in range(1, 6)]
-        for thread in threads[1:]:
-            thread.start()
-        wait_until(lambda: coalescer.queued == 5)
-        release.set()
-        for thread in threads:
-            thread.join(TIMEOUT_S)
-    finally:
-        coalescer.stop()
-    assert sent[0] == (0,)
-    assert sorted(sent[1]) == [1, 2, 3, 4, 5]
-    assert results == {i: i * 10 for i in range(6)}
-
-
-def test_a_batch_error_reaches_every_caller_and_a_stopped_coalescer_refuses() -> None:
-    def send(items: tuple[int, ...], timeout_s: float) -> list[int]:
-        raise ActorUnavailable("state is gone")
-
-    coalescer: Coalescer[int, int] = Coalescer("test", send, max_batch=10)
-    with pytest.raises(ActorUnavailable, match="state is gone"):
-        coalescer.submit(1, TIMEOUT_S)
-    coalescer.stop()
-    with pytest.raises(ActorUnavailable, match="stopping"):
-        coalescer.submit(2, TIMEOUT_S)
-
-
-def test_a_caller_that_waited_too_long_gets_unavailable_and_is_not_sent() -> None:
-    sent: list[tuple[int, ...]] = []
-    first_out, release = threading.Event(), threading.Event()
-
-    def send(items: tuple[int, ...], timeout_s: float) -> list[int]:
-        sent.append(items)
-        first_out.set()
-        release.wait(TIMEOUT_S)
-        return list(items)
-
-    coalescer: Coalescer[int, int] = Coalescer("test", send, max_batch=10)
-    sender = threading.Thread(target=coalescer.submit, args=(1, TIMEOUT_S))
-    sender.start()
-    try:
-        assert first_out.wait(TIMEOUT_S)
-        with pytest.raises(ActorUnavailable, match="no answer within 50 ms"):
-            coalescer.submit(2, 0.05)
-        assert coalescer.queued == 0
-    finally:
-        release.set()
-        sender.join(TIMEOUT_S)
-    assert sent == [(1,)]
-    assert coalescer.submit(3, TIMEOUT_S) == 3  # the sender's role was handed back
-    coalescer.stop()
-
-
-def test_every_caller_gets_its_own_answer_under_contention() -> None:
-    batch_sizes: list[int] = []
-
-    def send(items: tuple[int, ...], timeout_s: float) -> list[int]:
-        time.sleep(0.0005)  # long enough for callers to pile up behind the sender
-        return [-item for item in items]
-
-    coalescer: Coalescer[int, int] = Coalescer("test", send, 8, on_batch=batch_sizes.append)
-    wrong: list[tuple[int, int]] = []
-
-    def caller(base: int) -> None:
-        for item in range(base, base + 200):
-            answer = coalescer.submit(item, TIMEOUT_S)
-            if answer != -item:
-                wrong.append((item, answer))
-
-    threads = [threading.Thread(target=caller, args=(n * 1000,)) for n in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(TIMEOUT_S * 2)
-    coalescer.stop()
-    assert wrong == []
-    assert sum(batch_sizes) == 16 * 200
-    assert max(batch_sizes) == 8  # batches formed, and none beyond max_batch
-    assert coalescer.queued == 0
 
 
 def wait_until(condition: Callable[[], bool]) -> None:
