@@ -6,13 +6,18 @@ Run with `python -m loadtest compare [--quick] [--json PATH]`. For each store mo
    three phases, after a warm-up);
 2. p99 latency at 256 workers with and without a 200 ms delay before every SQLite commit
    (a second broker, started with the delay);
-3. restore: the time from a file of 100,000 records to a broker state that serves them
+3. the commit-latency sweep: tasks/s and p99 at 256 workers with 0, 2 and 10 ms before
+   every commit, where a disk whose commits take milliseconds shows the write lock (one
+   broker per delay; the 0 ms point is the 256-worker phase of 1., the same settings);
+4. restore: the time from a file of 100,000 records to a broker state that serves them
    (memory: the writer's LoadAndRestore into the state actor; sqlite-direct: opening the
    store and counting its rows, since the rows are its state).
 
 The JSON is `{"memory": M, "sqlite-direct": M}` with M = `{"by_workers": {"32": R, ...},
 "p99_ms_no_delay", "p99_ms_commit_delay", "restore_100k_s"}` and R = `{"tasks_per_s",
-"p50_ms", "p99_ms", "errors", "lost", "duplicates"}`. The run also writes
+"p50_ms", "p99_ms", "cpu_us_per_task", "errors", "lost", "duplicates"}` (cpu_us_per_task:
+the broker process's CPU per completed task), plus `"commit_latency_sweep": {"0":
+{"memory": R, "sqlite-direct": R}, "2": {...}, "10": {...}}`. The run also writes
 `loadtest/results/<date>/`: that JSON, every phase's full numbers, and the report
 (PNG plots and one HTML page).
 """
@@ -41,13 +46,15 @@ from actors.state import StateActor, StateConfig
 from actors.statemachine import Limits
 from actors.store import SqliteStore
 from actors.writer import SqliteWriter, WriterConfig
-from loadtest.e2e import BrokerSetup, Phase, session
+from loadtest.e2e import BrokerSetup, Phase, session, summary_line
 from loadtest.report import machine
 
 MODES = ("memory", "sqlite-direct")
 WORKER_COUNTS = (32, 256, 768)
 DELAY_WORKERS = 256
 COMMIT_DELAY_MS = 200
+SWEEP = "commit_latency_sweep"
+SWEEP_DELAYS_MS = (0, 2, 10)
 RESULTS_DIR = Path(__file__).parent / "results"
 _RESTORE_TIMEOUT_S = 300.0
 
@@ -60,6 +67,8 @@ class Plan:
     max_seconds: float
     """Bound of each phase; a phase that runs out reports what it completed."""
     delay_max_seconds: float
+    sweep_max_seconds: float
+    """Bound of each sweep phase: sqlite-direct at 10 ms may not finish the tasks."""
     processes: int
     param_bytes: int
     restore_records: int
@@ -70,6 +79,7 @@ FULL = Plan(
     delay_tasks=15_000,
     max_seconds=60.0,
     delay_max_seconds=30.0,
+    sweep_max_seconds=30.0,
     processes=4,
     param_bytes=512,
     restore_records=100_000,
@@ -79,17 +89,20 @@ QUICK = Plan(
     delay_tasks=300,
     max_seconds=20.0,
     delay_max_seconds=3.0,
+    sweep_max_seconds=5.0,
     processes=1,
     param_bytes=128,
     restore_records=2_000,
 )
 
 
-def _row(phase: dict[str, Any]) -> dict[str, Any]:
+def phase_row(phase: dict[str, Any]) -> dict[str, Any]:
+    """A phase's full result as a row of compare's JSON (R in the module docstring)."""
     return {
         "tasks_per_s": phase["tasks_per_s"],
         "p50_ms": phase["latency_ms"]["p50"],
         "p99_ms": phase["latency_ms"]["p99"],
+        "cpu_us_per_task": phase["broker"]["cpu_us_per_task"],
         "errors": phase["errors"],
         "lost": phase["lost"],
         "duplicates": phase["duplicates"],
@@ -110,19 +123,22 @@ def measure_mode(
         for workers in WORKER_COUNTS:
             _say(f"{mode}: {workers} workers, {plan.tasks:,} tasks")
             phase = under_test.run(replace(base, workers=workers, max_seconds=plan.max_seconds))
+            _say(summary_line(phase))
             phases.append(phase)
-            by_workers[str(workers)] = _row(phase)
+            by_workers[str(workers)] = phase_row(phase)
     no_delay = next(p for p in phases if p["workers"] == DELAY_WORKERS)
-    _say(f"{mode}: {DELAY_WORKERS} workers, {COMMIT_DELAY_MS} ms commit delay")
-    with session(replace(setup, commit_delay_ms=COMMIT_DELAY_MS), bootstrap=bootstrap) as delayed:
-        with_delay = delayed.run(
-            replace(
-                base,
-                workers=DELAY_WORKERS,
-                tasks=plan.delay_tasks,
-                max_seconds=plan.delay_max_seconds,
-            )
-        )
+    delayed = replace(base, workers=DELAY_WORKERS, max_seconds=plan.sweep_max_seconds)
+    phases += [
+        _delayed_phase(setup, delay_ms, delayed, bootstrap)
+        for delay_ms in SWEEP_DELAYS_MS
+        if delay_ms
+    ]
+    with_delay = _delayed_phase(
+        setup,
+        COMMIT_DELAY_MS,
+        replace(delayed, tasks=plan.delay_tasks, max_seconds=plan.delay_max_seconds),
+        bootstrap,
+    )
     phases.append(with_delay)
     restore_s = (
         restore_memory_s(restore_file) if mode == "memory" else restore_direct_s(restore_file)
@@ -134,6 +150,28 @@ def measure_mode(
         "restore_100k_s": round(restore_s, 3),
     }
     return summary, phases
+
+
+def _delayed_phase(
+    setup: BrokerSetup, delay_ms: int, phase: Phase, bootstrap: str
+) -> dict[str, Any]:
+    """One phase against a broker of its own, started with `delay_ms` before every commit."""
+    _say(f"{setup.store_mode}: {phase.workers} workers, {delay_ms} ms commit delay")
+    with session(replace(setup, commit_delay_ms=delay_ms), bootstrap=bootstrap) as delayed:
+        result = delayed.run(phase)
+    _say(summary_line(result))
+    return result
+
+
+def sweep_summary(phases: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The commit-latency sweep, `{delay_ms: {mode: row}}`, from every phase's full result:
+    those at DELAY_WORKERS workers with a delay of SWEEP_DELAYS_MS."""
+    sweep: dict[str, dict[str, dict[str, Any]]] = {str(d): {} for d in SWEEP_DELAYS_MS}
+    for phase in phases:
+        delay = str(phase["commit_delay_ms"])
+        if phase["workers"] == DELAY_WORKERS and delay in sweep:
+            sweep[delay][phase["store_mode"]] = phase_row(phase)
+    return sweep
 
 
 # --- restore -----------------------------------------------------------------------------------
@@ -200,7 +238,8 @@ def restore_direct_s(path: Path) -> float:
 def compare(
     plan: Plan, bootstrap: str | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Both modes' summaries and every phase; without `bootstrap`, an embedded Kafka."""
+    """Both modes' summaries and the sweep, and every phase; without `bootstrap`, an
+    embedded Kafka."""
     results: dict[str, Any] = {}
     phases: list[dict[str, Any]] = []
     with ExitStack() as stack:
@@ -212,6 +251,7 @@ def compare(
         for mode in MODES:
             results[mode], mode_phases = measure_mode(mode, plan, bootstrap, restore_file)
             phases += mode_phases
+    results[SWEEP] = sweep_summary(phases)
     return results, phases
 
 
@@ -219,18 +259,32 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def by_mode(results: dict[str, Any]) -> dict[str, Any]:
+    """The per-mode summaries of compare's JSON, without the sweep."""
+    return {mode: summary for mode, summary in results.items() if mode in MODES}
+
+
+def _cell(row: dict[str, Any]) -> str:
+    cpu = row["cpu_us_per_task"]
+    return (
+        f"{row['tasks_per_s']:>7,.0f}/s p50 {row['p50_ms']:>5.0f} p99 {row['p99_ms']:>5.0f} "
+        f"cpu {'-' if cpu is None else f'{cpu:,.0f}':>5} µs"
+    )
+
+
 def print_table(results: dict[str, Any]) -> None:
-    print(f"{'':14}" + "".join(f"{mode:>28}" for mode in results))
+    modes = by_mode(results)
+    width = 42
+    print(f"{'':20}" + "".join(f"{mode:>{width}}" for mode in modes))
     for workers in WORKER_COUNTS:
-        cells = []
-        for summary in results.values():
-            row = summary["by_workers"][str(workers)]
-            cells.append(
-                f"{row['tasks_per_s']:>8,.0f}/s p50 {row['p50_ms']:>6.0f} p99 {row['p99_ms']:>6.0f}"
-            )
-        print(f"{workers:>4} workers   " + "".join(f"{c:>28}" for c in cells))
+        cells = [_cell(summary["by_workers"][str(workers)]) for summary in modes.values()]
+        print(f"{f'{workers} workers':20}" + "".join(f"{c:>{width}}" for c in cells))
     for key in ("p99_ms_no_delay", "p99_ms_commit_delay", "restore_100k_s"):
-        print(f"{key:14}" + "".join(f"{summary[key]:>28,.3f}" for summary in results.values()))
+        print(f"{key:20}" + "".join(f"{summary[key]:>{width},.3f}" for summary in modes.values()))
+    print(f"commit-latency sweep at {DELAY_WORKERS} workers (cpu: broker µs per task)")
+    for delay, rows in results[SWEEP].items():
+        cells = [_cell(rows[mode]) if mode in rows else "-" for mode in modes]
+        print(f"{f'{delay} ms commits':20}" + "".join(f"{c:>{width}}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,9 @@ Run with `python -m loadtest e2e --store-mode memory --workers 256 --tasks 20000
 the embedded Kafka and a `taskbroker run` process (or uses `--target` and `--kafka` that
 already run), produces the tasks, runs the workers, and reports tasks/s, per-RPC latency
 percentiles, errors by status code, lost and duplicated activations, and the broker's CPU
-and memory. Everything it started is stopped in `finally` blocks; the broker runs in its
-own process group so that nothing of it outlives the run.
+(in all, and in µs per completed task) and memory. Everything it started is stopped in
+`finally` blocks; the broker runs in its own process group so that nothing of it outlives
+the run.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ class BrokerSetup:
     max_tasks: int = 20_000
     max_workers: int = 768
     """The largest phase, so that no `max_*_count` limit pauses ingest during a run."""
+    metrics_port: int = 0
+    """The broker's /metrics port on 127.0.0.1; 0: off. Not the default 9090: brokers of
+    different runs may share the machine, so a run that scrapes picks a free port."""
+
+    @property
+    def metrics_url(self) -> str | None:
+        return f"http://{_HOST}:{self.metrics_port}/metrics" if self.metrics_port else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +107,8 @@ def broker_environment(
         "KAFKA_AUTO_OFFSET_RESET": "earliest",
         "GRPC_ADDR": _HOST,
         "GRPC_PORT": str(port),
-        "METRICS_PORT": "0",
+        "METRICS_ADDR": _HOST,
+        "METRICS_PORT": str(setup.metrics_port),
         "DB_PATH": str(db_path),
         "STORE_MODE": setup.store_mode,
         "STORE__DEBUG_COMMIT_DELAY_MS": str(setup.commit_delay_ms),
@@ -205,6 +214,25 @@ def memory_mb(pid: int) -> dict[str, float]:
 # --- one run --------------------------------------------------------------------------------
 
 
+def cpu_us_per_task(cpu_s: float, completed: int) -> float | None:
+    """The broker's CPU per completed task, the number to set beside tasks/s; None when
+    nothing completed."""
+    return round(cpu_s * 1e6 / completed, 1) if completed else None
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """One phase in one line: what it ran, tasks/s, latency, the broker's CPU per task."""
+    latency = result["latency_ms"]
+    cpu = result.get("broker", {}).get("cpu_us_per_task")
+    return (
+        f"{result['store_mode']}, {result['commit_delay_ms']} ms commits, "
+        f"{result['workers']} workers: {result['tasks_per_s']:,.0f} tasks/s, "
+        f"p50 {latency['p50']:,.1f} ms, p99 {latency['p99']:,.1f} ms, "
+        f"broker CPU {'-' if cpu is None else f'{cpu:,.0f}'} µs/task, "
+        f"{result['lost']} lost, {result['duplicates']} duplicates, {result['errors']} errors"
+    )
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
@@ -276,32 +304,32 @@ class Session:
         self, setup: BrokerSetup, bootstrap: str, topic: str, target: str, broker_pid: int | None
     ) -> None:
         self.setup = setup
-        self._bootstrap = bootstrap
-        self._topic = topic
-        self._target = target
-        self._broker_pid = broker_pid
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.target = target
+        self.broker_pid = broker_pid
         self._runs = 0
 
     def __repr__(self) -> str:
-        return f"<Session {self.setup.store_mode} at {self._target}, topic {self._topic}>"
+        return f"<Session {self.setup.store_mode} at {self.target}, topic {self.topic}>"
 
     def warm_up(self) -> None:
         """Produce and complete a few tasks from this process, unmeasured."""
         self._runs += 1
-        ids = task_ids(f"{self._topic}-{self._runs}", _WARM_UP_TASKS)
-        produce_tasks(self._bootstrap, self._topic, ids, TaskSpec(param_bytes=16))
-        complete_tasks(self._target, _WARM_UP_TASKS, _WARM_UP_TIMEOUT_S)
+        ids = task_ids(f"{self.topic}-{self._runs}", _WARM_UP_TASKS)
+        produce_tasks(self.bootstrap, self.topic, ids, TaskSpec(param_bytes=16))
+        complete_tasks(self.target, _WARM_UP_TASKS, _WARM_UP_TIMEOUT_S)
 
     def run(self, phase: Phase, *, progress: bool = True) -> dict[str, Any]:
         """Produce the phase's tasks, then run its workers until all are complete (or time
         is up); the result also carries the broker's CPU and memory over the phase."""
         self._runs += 1
-        ids = task_ids(f"{self._topic}-{self._runs}", phase.tasks)
-        produce_tasks(self._bootstrap, self._topic, ids, TaskSpec(param_bytes=phase.param_bytes))
-        pid = self._broker_pid
+        ids = task_ids(f"{self.topic}-{self._runs}", phase.tasks)
+        produce_tasks(self.bootstrap, self.topic, ids, TaskSpec(param_bytes=phase.param_bytes))
+        pid = self.broker_pid
         cpu_before = cpu_seconds(pid) if pid is not None else 0.0
         report, started_wall, stopped_wall = run_workers(
-            self._target,
+            self.target,
             processes=phase.processes,
             threads=phase.threads_per_process,
             work_ms=phase.work_ms,
@@ -320,6 +348,7 @@ class Session:
             cpu_s = cpu_seconds(pid) - cpu_before
             result["broker"] = {
                 "cpu_s": round(cpu_s, 2),
+                "cpu_us_per_task": cpu_us_per_task(cpu_s, result["completed"]),
                 "cpu_percent": round(100 * cpu_s / max(stopped_wall - started_wall, 1e-9), 1),
                 **memory_mb(pid),
             }
@@ -409,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as under_test:
         result = under_test.run(phase)
     print(json.dumps(result, indent=2))
+    print(summary_line(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**result, "machine": machine()}, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""The comparison's report: four PNG plots and one self-contained HTML page that embeds them.
+"""The comparison's report: five PNG plots and one self-contained HTML page that embeds them.
 
 Needs matplotlib (the `loadtest` extra). Figures are built with the object API and the Agg
 canvas, so no global pyplot state and no display are involved.
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from loadtest.compare import DELAY_WORKERS, SWEEP, by_mode
 
 _COLOURS = {"memory": "#1f77b4", "sqlite-direct": "#d62728"}
 _DPI = 100
@@ -78,20 +80,48 @@ def _bars(
     return figure
 
 
+def _sweep(sweep: dict[str, dict[str, dict[str, Any]]]) -> Figure:
+    """Tasks/s and p99 against the commit delay, side by side, one line per store mode."""
+    figure = Figure(figsize=(10, 4), dpi=_DPI)
+    rate_axes, p99_axes = figure.subplots(1, 2)
+    delays = sorted(int(delay) for delay in sweep)
+    modes = dict.fromkeys(mode for rows in sweep.values() for mode in rows)
+    for mode in modes:
+        measured = [d for d in delays if mode in sweep[str(d)]]
+        rows = [sweep[str(d)][mode] for d in measured]
+        colour = _COLOURS.get(mode)
+        rate_axes.plot(
+            measured, [r["tasks_per_s"] for r in rows], marker="o", color=colour, label=mode
+        )
+        p99_axes.plot(measured, [r["p99_ms"] for r in rows], marker="s", color=colour, label=mode)
+    rate_axes.set(xlabel="commit delay (ms)", ylabel="tasks completed / s", title="Throughput")
+    rate_axes.set_ylim(bottom=0)
+    p99_axes.set(xlabel="commit delay (ms)", ylabel="p99 RPC latency (ms, log)", title="p99")
+    p99_axes.set_yscale("log")
+    for axes in (rate_axes, p99_axes):
+        axes.set_xticks(delays)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.suptitle(f"Commit-latency sweep at {DELAY_WORKERS} workers")
+    return figure
+
+
 def figures(results: dict[str, Any]) -> dict[str, Figure]:
-    """Every plot of the report, by file name."""
+    """Every plot of the report, by file name; `results` is compare's whole JSON."""
+    modes = by_mode(results)
     return {
-        "throughput.png": _throughput(results),
-        "latency.png": _latency(results),
+        "throughput.png": _throughput(modes),
+        "latency.png": _latency(modes),
+        "commit_latency_sweep.png": _sweep(results[SWEEP]),
         "commit_delay.png": _bars(
-            results,
+            modes,
             [("p99_ms_no_delay", "no delay"), ("p99_ms_commit_delay", "200 ms commit delay")],
             "p99 RPC latency (ms, log)",
             "p99 at 256 workers, with and without slow commits",
             log=True,
         ),
         "restore.png": _bars(
-            results,
+            modes,
             [("restore_100k_s", "restore")],
             "seconds",
             "From the SQLite file to a serving state",
@@ -100,23 +130,36 @@ def figures(results: dict[str, Any]) -> dict[str, Figure]:
     }
 
 
+_COLUMNS = ("tasks/s", "p50 ms", "p99 ms", "broker CPU µs/task")
+
+
+def _cells(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return f"<td colspan={len(_COLUMNS)}>-</td>"
+    flags = f" ({row['errors']} errors)" if row["errors"] else ""
+    cpu = row["cpu_us_per_task"]
+    return (
+        f"<td>{row['tasks_per_s']:,.0f}{flags}</td>"
+        f"<td>{row['p50_ms']:,.1f}</td><td>{row['p99_ms']:,.1f}</td>"
+        f"<td>{'-' if cpu is None else f'{cpu:,.0f}'}</td>"
+    )
+
+
 def _table(results: dict[str, Any]) -> str:
-    modes = list(results)
-    head = "".join(f"<th colspan=3>{html.escape(m)}</th>" for m in modes)
-    sub = "<th>tasks/s</th><th>p50 ms</th><th>p99 ms</th>" * len(modes)
+    summaries = by_mode(results)
+    modes = list(summaries)
+    span = len(_COLUMNS)
+    head = "".join(f"<th colspan={span}>{html.escape(m)}</th>" for m in modes)
+    sub = "".join(f"<th>{html.escape(c)}</th>" for c in _COLUMNS) * len(modes)
     rows = []
-    for workers in sorted({int(w) for s in results.values() for w in s["by_workers"]}):
-        cells = ""
-        for mode in modes:
-            row = results[mode]["by_workers"][str(workers)]
-            flags = f" ({row['errors']} errors)" if row["errors"] else ""
-            cells += (
-                f"<td>{row['tasks_per_s']:,.0f}{flags}</td>"
-                f"<td>{row['p50_ms']:,.1f}</td><td>{row['p99_ms']:,.1f}</td>"
-            )
+    for workers in sorted({int(w) for s in summaries.values() for w in s["by_workers"]}):
+        cells = "".join(_cells(summaries[mode]["by_workers"][str(workers)]) for mode in modes)
         rows.append(f"<tr><th>{workers} workers</th>{cells}</tr>")
+    for delay, by_delay in results[SWEEP].items():
+        cells = "".join(_cells(by_delay.get(mode)) for mode in modes)
+        rows.append(f"<tr><th>{DELAY_WORKERS} workers, {delay} ms commits</th>{cells}</tr>")
     for key in ("p99_ms_no_delay", "p99_ms_commit_delay", "restore_100k_s"):
-        cells = "".join(f"<td colspan=3>{results[m][key]:,.3f}</td>" for m in modes)
+        cells = "".join(f"<td colspan={span}>{summaries[m][key]:,.3f}</td>" for m in modes)
         rows.append(f"<tr><th>{key}</th>{cells}</tr>")
     return f"<table><tr><th></th>{head}</tr><tr><th></th>{sub}</tr>{''.join(rows)}</table>"
 
