@@ -14,6 +14,7 @@ BENCHMARKS = {
     "grpc": "GetTask/SetTaskStatus cycles per second against a bare grpcio ceiling",
     "e2e": "Kafka to broker to workers until every task is complete, tasks/s and latency",
     "compare": "memory vs sqlite-direct: throughput, latency, commit delay, restore; report",
+    "latency": "produce to first claim at low load, p50/p99 from workers and the broker",
 }
 
 

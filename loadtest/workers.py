@@ -2,7 +2,10 @@
 (simulated work) → SetTaskStatus(COMPLETE, fetch_next_task) until told to stop.
 
 Every RPC's latency and status is recorded, and every task id received and completed, so
-the run can account for each activation. Latencies cover every answered RPC except a
+the run can account for each activation, and for each task the time from its `received_at`
+(the producer's clock) to its arrival at a worker: the first-claim latency, meaningful when
+tasks are produced while the workers wait (`loadtest latency`), not when a phase's tasks
+are all produced before it starts. Latencies cover every answered RPC except a
 GetTask answered NOT_FOUND (nothing pending): those are counted as empty polls instead,
 because at the end of a run idle workers would otherwise fill the percentiles with cheap
 answers.
@@ -28,7 +31,7 @@ from loadtest.producer import APPLICATION
 
 _RPC_TIMEOUT_S = 10.0
 _START_TIMEOUT_S = 60.0
-_EMPTY_POLL_SLEEP_S = 0.02
+EMPTY_POLL_SLEEP_MS = 20.0
 """After NOT_FOUND a worker waits before asking again, as a real worker does."""
 _ERROR_SLEEP_S = 0.01
 _PUBLISH_INTERVAL_S = 0.1
@@ -41,6 +44,7 @@ class WorkerPlan:
     target: str
     threads: int
     work_s: float
+    empty_poll_sleep_s: float = EMPTY_POLL_SLEEP_MS / 1000
 
 
 @dataclass
@@ -54,6 +58,8 @@ class WorkerReport:
     completed: list[str] = field(default_factory=list)
     last_completion: float = 0.0
     """Wall-clock time of this process's last completed task."""
+    claim_latencies_ms: dict[str, float] = field(default_factory=dict)
+    """By task id: its first arrival at a worker minus its `received_at`, both wall clocks."""
 
     def merge(self, other: WorkerReport) -> None:
         for method, values in other.latencies_ms.items():
@@ -63,6 +69,8 @@ class WorkerReport:
         self.received += other.received
         self.completed += other.completed
         self.last_completion = max(self.last_completion, other.last_completion)
+        for task_id, latency_ms in other.claim_latencies_ms.items():
+            self.claim_latencies_ms.setdefault(task_id, latency_ms)
 
 
 class _Worker:
@@ -75,6 +83,7 @@ class _Worker:
     def __init__(self, stub: pb_grpc.ConsumerServiceStub, plan: WorkerPlan) -> None:
         self._stub = stub
         self._work_s = plan.work_s
+        self._empty_poll_sleep_s = plan.empty_poll_sleep_s
         self.report = WorkerReport(latencies_ms={"GetTask": [], "SetTaskStatus": []})
         self.completed_count = 0
 
@@ -98,13 +107,13 @@ class _Worker:
             code = error.code()
             if code is grpc.StatusCode.NOT_FOUND:
                 self.report.empty_polls += 1
-                await asyncio.sleep(_EMPTY_POLL_SLEEP_S)
+                await asyncio.sleep(self._empty_poll_sleep_s)
             else:
                 await self._failed("GetTask", code, started)
             return None
         self._answered("GetTask", started)
         task: pb.TaskActivation = response.task
-        self.report.received.append(task.id)
+        self._received(task)
         return task
 
     async def _complete(self, task: pb.TaskActivation) -> pb.TaskActivation | None:
@@ -131,8 +140,15 @@ class _Worker:
         if not response.HasField("task"):
             return None
         following: pb.TaskActivation = response.task
-        self.report.received.append(following.id)
+        self._received(following)
         return following
+
+    def _received(self, task: pb.TaskActivation) -> None:
+        arrived = time.time()
+        self.report.received.append(task.id)
+        if task.HasField("received_at"):
+            produced = task.received_at.seconds + task.received_at.nanos / 1e9
+            self.report.claim_latencies_ms.setdefault(task.id, (arrived - produced) * 1000)
 
     def _answered(self, method: str, started: float) -> None:
         self.report.latencies_ms[method].append((time.perf_counter() - started) * 1000)
@@ -218,12 +234,15 @@ def run_workers(
     work_ms: float,
     until_completed: int,
     max_seconds: float,
+    empty_poll_sleep_ms: float = EMPTY_POLL_SLEEP_MS,
+    on_started: Callable[[], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> tuple[WorkerReport, float, float]:
     """Run the workers until `until_completed` tasks are complete or `max_seconds` pass.
 
-    Returns the merged report, the wall-clock time the workers started, and when the run
-    stopped. Every process is joined, or killed if it does not end in time.
+    `on_started` is called once every worker is connected and told to go. Returns the
+    merged report, the wall-clock time the workers started, and when the run stopped.
+    Every process is joined, or killed if it does not end in time.
     """
     # spawn, not fork: grpc in a forked child is not safe.
     context = multiprocessing.get_context("spawn")
@@ -231,7 +250,7 @@ def run_workers(
     go, stop = context.Event(), context.Event()
     completed = context.Array("q", processes)
     signals = _Signals(ready, go, stop, completed, reports)
-    plan = WorkerPlan(target, threads, work_ms / 1000)
+    plan = WorkerPlan(target, threads, work_ms / 1000, empty_poll_sleep_ms / 1000)
     children = [
         context.Process(
             target=_worker_process,
@@ -249,6 +268,8 @@ def run_workers(
             ready.get(timeout=_START_TIMEOUT_S)
         started_wall, started = time.time(), time.monotonic()
         go.set()
+        if on_started is not None:
+            on_started()
         while (elapsed := time.monotonic() - started) < max_seconds:
             done = sum(completed[:])
             if on_progress is not None:
