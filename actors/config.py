@@ -131,7 +131,11 @@ class Config:
 
     db_insert_batch_max_len: int = 256
     db_insert_batch_max_size: int = 16_000_000
+    """Bytes. With `_max_len`, the most one Ingest message to the state carries; a poll that
+    reads more sends several. Durability does not wait for these: the state batches flushes."""
     db_insert_batch_max_time_ms: int = 1000
+    """Accepted and validated for taskbroker compatibility, with no effect: the consumer
+    hands every poll's records to the state at once instead of holding a partial batch."""
 
     flush_interval_ms: int = 50
     flush_max_dirty: int = 10_000

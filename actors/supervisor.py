@@ -259,7 +259,6 @@ class Supervisor:
                 batch=BatchLimits(
                     max_len=config.db_insert_batch_max_len,
                     max_bytes=config.db_insert_batch_max_size,
-                    max_time_ms=config.db_insert_batch_max_time_ms,
                 ),
                 max_delayed_task_allowed_s=config.max_delayed_task_allowed_sec,
             ),

@@ -40,6 +40,7 @@ from actors.messages import (
     ConsumerStatsQuery,
     Flush,
     FlushFailed,
+    Ingest,
     StateStats,
     Stats,
 )
@@ -67,14 +68,13 @@ JOIN_TIMEOUT_S = 20.0
 # --- Plain logic, no threads ---------------------------------------------------------
 
 
-def test_batch_is_due_by_count_bytes_or_age() -> None:
-    batch = IngestBatch(BatchLimits(max_len=3, max_bytes=100, max_time_ms=500))
-    assert not batch.due(now=0.0)
-    batch.add_record(make_record("a", partition=Partition(0), offset=Offset(7)), now=10.0)
-    batch.add_record(make_record("b", partition=Partition(0), offset=Offset(8)), now=10.2)
-    assert not batch.due(now=10.4)
-    assert batch.due(now=10.5)  # the age counts from the first entry
-    batch.add_record(make_record("c", partition=Partition(1), offset=Offset(3)), now=10.3)
+def test_batch_is_full_by_count_or_bytes_and_take_starts_it_over() -> None:
+    batch = IngestBatch(BatchLimits(max_len=3, max_bytes=100))
+    assert batch.empty
+    batch.add_record(make_record("a", partition=Partition(0), offset=Offset(7)))
+    batch.add_record(make_record("b", partition=Partition(0), offset=Offset(8)))
+    assert not batch.full
+    batch.add_record(make_record("c", partition=Partition(1), offset=Offset(3)))
     assert batch.full
 
     ingest = batch.take()
@@ -84,25 +84,25 @@ def test_batch_is_due_by_count_bytes_or_age() -> None:
         KafkaOffset(Partition(1), Offset(3)),
     )
     assert batch.empty
-    assert not batch.due(now=100.0)
+    assert not batch.full
 
-    batch.add_record(make_record("big", activation=b"x" * 100), now=0.0)
+    batch.add_record(make_record("big", activation=b"x" * 100))
     assert batch.full
 
 
 def test_batch_carries_the_offsets_of_skipped_messages() -> None:
-    batch = IngestBatch(BatchLimits(max_time_ms=1000))
-    batch.add_skipped(Partition(3), Offset(0), now=1.0)
-    assert not batch.empty
-    assert batch.due(now=2.0)  # a batch of skipped messages alone still goes
-    batch.add_record(make_record("a", partition=Partition(2), offset=Offset(4)), now=1.5)
-    batch.add_skipped(Partition(2), Offset(5), now=1.5)
+    batch = IngestBatch(BatchLimits())
+    batch.add_skipped(Partition(3), Offset(0))
+    assert not batch.empty  # a batch of skipped messages alone still goes
+    batch.add_record(make_record("a", partition=Partition(2), offset=Offset(4)))
+    batch.add_skipped(Partition(2), Offset(5))
     ingest = batch.take()
     assert [r.id for r in ingest.records] == ["a"]
     assert ingest.offsets == (
         KafkaOffset(Partition(2), Offset(5)),
         KafkaOffset(Partition(3), Offset(0)),
     )
+    assert batch.empty
 
 
 def test_commit_tracker_offers_durable_offsets_once_and_again_after_a_failure() -> None:
@@ -177,6 +177,7 @@ def test_client_settings_leave_every_commit_to_the_consumer() -> None:
     assert settings["enable.auto.offset.store"] is False
     assert settings["session.timeout.ms"] == 6000
     assert settings["auto.offset.reset"] == "latest"
+    assert settings["fetch.wait.max.ms"] == 50
     assert "cooperative" not in str(settings["partition.assignment.strategy"])
 
 
@@ -209,7 +210,7 @@ class Pipeline:
             "dlq_topic": self.dlq_topic,
             "group_id": self.group,
             "auto_offset_reset": "earliest",
-            "batch": BatchLimits(max_len=64, max_time_ms=50),
+            "batch": BatchLimits(max_len=64),
             **fields,
         }
         if dead_letters is None:
@@ -358,6 +359,41 @@ def test_offsets_are_committed_only_after_persistence_and_redelivery_is_deduplic
 
 
 @pytest.mark.kafka
+def test_a_poll_that_reads_past_the_limits_sends_several_ingests_at_once(
+    pipeline: Callable[[int], Pipeline],
+) -> None:
+    pipe = pipeline(1)
+    ids, values = activations(10, "s")
+    produce(pipe.kafka, pipe.topic, values)
+    state = Collector()
+    consumer = KafkaConsumer.start(
+        ConsumerConfig(
+            bootstrap_servers=pipe.kafka.bootstrap,
+            topic=pipe.topic,
+            dlq_topic=pipe.dlq_topic,
+            group_id=pipe.group,
+            auto_offset_reset="earliest",
+            batch=BatchLimits(max_len=4),
+        ),
+        state,
+        KafkaProducer(ProducerConfig(bootstrap_servers=pipe.kafka.bootstrap)),
+        mailbox=MailboxConfig(size=1000),
+    )
+    wait_until(lambda: consumer_stats(consumer).ingested == 10, JOIN_TIMEOUT_S)
+    ingests: list[Ingest] = [m for m in state.messages if isinstance(m, Ingest)]
+    sizes = [len(ingest.records) for ingest in ingests]
+    # One produce, one fetch: the slice that reads it splits it rather than holding any.
+    assert sizes == [4, 4, 2]
+    assert [r.id for ingest in ingests for r in ingest.records] == ids
+    assert [ingest.offsets for ingest in ingests] == [
+        (KafkaOffset(Partition(0), Offset(3)),),
+        (KafkaOffset(Partition(0), Offset(7)),),
+        (KafkaOffset(Partition(0), Offset(9)),),
+    ]
+    assert consumer_stats(consumer).batches == 3
+
+
+@pytest.mark.kafka
 def test_undecodable_messages_are_dead_lettered_and_do_not_block_the_rest(
     pipeline: Callable[[int], Pipeline],
 ) -> None:
@@ -424,9 +460,7 @@ def test_consumption_pauses_at_the_pending_limit_and_resumes_after_claims(
     _, values = activations(first, "p")
     produce(pipe.kafka, pipe.topic, values)
     state = pipe.start_state(Limits(max_pending_count=limit))
-    consumer = pipe.start_consumer(
-        batch=BatchLimits(max_len=5, max_time_ms=20), poll_max_messages=5
-    )
+    consumer = pipe.start_consumer(batch=BatchLimits(max_len=5), poll_max_messages=5)
     pipe.start_writer(consumer)
 
     wait_until(lambda: consumer_stats(consumer).paused == (0,), JOIN_TIMEOUT_S)
