@@ -140,6 +140,9 @@ class Config:
     flush_interval_ms: int = 50
     flush_max_dirty: int = 10_000
     shutdown_timeout_ms: int = 20_000
+    metrics_max_task_names: int = 100
+    """Distinct (namespace, taskname) label pairs per-task metrics report; later pairs are
+    counted under taskname "other" (namespace "other" too if the namespace is new)."""
     log_level: str = "INFO"
     mailbox: Mailboxes = field(default_factory=Mailboxes)
 
@@ -154,7 +157,7 @@ class Config:
             "max_pending_count max_processing_count max_delay_count max_processing_attempts "
             "upkeep_task_interval_ms upkeep_unhealthy_interval_ms db_insert_batch_max_len "
             "db_insert_batch_max_size db_insert_batch_max_time_ms flush_interval_ms "
-            "flush_max_dirty shutdown_timeout_ms"
+            "flush_max_dirty shutdown_timeout_ms metrics_max_task_names"
         )
         for name in positive.split():
             _at_least(name, getattr(self, name), 1)

@@ -3,7 +3,7 @@
 Two kinds of source feed them:
 
 - Observers, called by the actors as things happen (`MailboxMetrics`, `FrontendMetrics`,
-  `UpkeepMetrics`, `WriterMetrics`): histograms and counters of events.
+  `UpkeepMetrics`, `WriterMetrics`, `FirstClaimMetrics`): histograms and counters of events.
 - `BrokerCollector`, read at scrape time: mailbox counters straight from each mailbox
   (no message needed), and the values that live inside actors (state counts, consumer
   counters, store sizes) from `ActorSnapshots`, which asks the actors on its own thread.
@@ -20,14 +20,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Final, Generic, TypeVar
 
 import grpc
 import pykka
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from actors.activation import DECODE_REASONS
 from actors.errors import BrokerError
@@ -63,6 +70,14 @@ _FLUSH_BUCKETS: Final = (
 _ROWS_BUCKETS: Final = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
 _BYTES_BUCKETS: Final = tuple(float(1024 * 4**n) for n in range(10))  # 1 KiB .. 256 MiB
 _BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# A waiting worker takes a task within milliseconds of its reaching Kafka; a backlog keeps
+# tasks waiting for minutes.
+_FIRST_CLAIM_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+# Every bound is a float, and str() of one is what prometheus_client writes for it.
+_FIRST_CLAIM_LE: Final = (*(str(bound) for bound in _FIRST_CLAIM_BUCKETS), "+Inf")
 
 TRANSITION_KINDS: Final = (
     "deadline_reset",
@@ -75,6 +90,9 @@ TRANSITION_KINDS: Final = (
 """The label values of `taskbroker_upkeep_transitions_total`."""
 
 CLAIM_RESULTS: Final = ("hit", "miss")
+
+OTHER: Final = "other"
+"""The label value that stands for every task name (or namespace) past the label cap."""
 
 
 # --- observers ---------------------------------------------------------------------------------
@@ -260,8 +278,101 @@ class WriterMetrics:
         self._failures.inc()
 
 
+class _LatencySeries:
+    """One label pair's observations: a count per bucket (the last: above every bound)."""
+
+    __slots__ = ("counts", "sum_s")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_FIRST_CLAIM_BUCKETS) + 1)
+        self.sum_s = 0.0
+
+
+class FirstClaimMetrics:
+    """The state actor's `ClaimObserver`, and the collector that exports what it observed:
+    `taskbroker_first_claim_latency_seconds{namespace,taskname}`.
+
+    Not a prometheus_client `Histogram`: its `observe` takes locks, 0.92 µs a call with the
+    labelled child cached, against 0.17 µs for `first_claimed` here (timeit, 500k calls,
+    this machine), on a path the state actor runs up to ~100k times a second. Only the
+    state actor's thread writes, so nothing is lost without a lock. A scrape copies each
+    series' counts with one `list.copy`, which holds the GIL throughout, so its buckets
+    agree with each other; its sum may differ from them by the claims made meanwhile.
+
+    At most `max_task_names` (namespace, taskname) pairs get series of their own. Later
+    pairs of a namespace that has one report taskname "other", so a namespace's total stays
+    right for every namespace seen before the cap (the dashboard sums by namespace); a
+    namespace first seen past the cap reports namespace "other" too, since namespaces are
+    no better bounded than task names. At most twice `max_task_names` series, plus one.
+    """
+
+    def __init__(self, registry: CollectorRegistry, max_task_names: int) -> None:
+        if max_task_names < 1:
+            raise ValueError(f"max_task_names must be at least 1, got {max_task_names}")
+        self._max_task_names = max_task_names
+        self._pairs = 0
+        self._by_namespace: dict[str, dict[str, _LatencySeries]] = {}
+        registry.register(self)
+
+    def first_claimed(self, namespace: str, taskname: str, latency_s: float) -> None:
+        by_task = self._by_namespace.get(namespace)
+        series = None if by_task is None else by_task.get(taskname)
+        if series is None:
+            series = self._series_of_new(namespace, taskname)
+        series.counts[bisect_left(_FIRST_CLAIM_BUCKETS, latency_s)] += 1
+        series.sum_s += latency_s
+
+    def _series_of_new(self, namespace: str, taskname: str) -> _LatencySeries:
+        """The series a pair without one reports to: its own while under the cap."""
+        by_task = self._by_namespace.get(namespace)
+        if self._pairs < self._max_task_names:
+            self._pairs += 1
+            if by_task is None:
+                by_task = self._by_namespace[namespace] = {}
+            own = by_task[taskname] = _LatencySeries()
+            return own
+        if by_task is None:
+            by_task = self._by_namespace.get(OTHER)
+            if by_task is None:
+                by_task = self._by_namespace[OTHER] = {}
+        # Not cached under the pair's own name: that would grow with every name seen.
+        series = by_task.get(OTHER)
+        if series is None:
+            series = by_task[OTHER] = _LatencySeries()
+        return series
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        # Copies, because the state actor may add a series while a scrape reads them.
+        for namespace, by_task in self._by_namespace.copy().items():
+            for taskname, series in by_task.copy().items():
+                cumulative = list(accumulate(series.counts.copy()))
+                family.add_metric(
+                    [namespace, taskname],
+                    list(zip(_FIRST_CLAIM_LE, cumulative, strict=True)),
+                    series.sum_s,
+                )
+        return [family]
+
+    @staticmethod
+    def _family() -> HistogramMetricFamily:
+        return HistogramMetricFamily(
+            f"{PREFIX}first_claim_latency_seconds",
+            "Time from an activation's received_at (its delay_until when it was delayed) to "
+            "its first claim by a worker, by namespace and task name; a claim after a "
+            'deadline reset is not counted. Past metrics_max_task_names pairs: taskname "other" '
+            'within a namespace already seen, namespace "other" for a new one. Not reported in '
+            "the sqlite-direct store mode.",
+            labels=("namespace", "taskname"),
+        )
+
+
 class Metrics:
-    """Every observer, declared on one registry. The supervisor hands each to its actor."""
+    """Every observer, declared on one registry. The supervisor hands each to its actor;
+    it builds `FirstClaimMetrics` itself, on `registry`, since that one takes a setting."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from actors.messages import (
     Claim,
@@ -35,7 +36,7 @@ from actors.messages import (
     WorkBatch,
 )
 from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, Ticker
-from actors.statemachine import Limits, StateMachine
+from actors.statemachine import Limits, StateMachine, first_claim_latency_s
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,20 @@ class StateConfig:
             raise ValueError(f"flush_max_dirty must be at least 1, got {self.flush_max_dirty}")
 
 
+class ClaimObserver(Protocol):
+    """Receives claim measurements, on the state actor's thread, at every claim: it must
+    be cheap."""
+
+    def first_claimed(self, namespace: str, taskname: str, latency_s: float) -> None:
+        """A record was handed out for the first time, `latency_s` after it became
+        claimable (see `statemachine.first_claim_latency_s`)."""
+
+
+class _SilentClaimObserver:
+    def first_claimed(self, namespace: str, taskname: str, latency_s: float) -> None:
+        pass
+
+
 class StateActor(BrokerActor):
     def __init__(
         self,
@@ -61,11 +76,13 @@ class StateActor(BrokerActor):
         mailbox: MailboxConfig,
         *,
         observer: MailboxObserver | None = None,
+        claim_observer: ClaimObserver | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__("state", mailbox, observer)
         self._config = config
         self._machine = StateMachine(config.limits)
+        self._claim_observer: ClaimObserver = claim_observer or _SilentClaimObserver()
         self._clock = clock
         self._writer: Recipient | None = None
         self._consumer: Recipient | None = None
@@ -151,9 +168,16 @@ class StateActor(BrokerActor):
         return None
 
     def _claim(self, claim: Claim) -> bytes | None:
-        record = self._machine.claim(self._clock(), claim.application, claim.namespace)
-        self._claims["hit" if record is not None else "miss"] += 1
-        return None if record is None else record.activation
+        now = self._clock()
+        record = self._machine.claim(now, claim.application, claim.namespace)
+        if record is None:
+            self._claims["miss"] += 1
+            return None
+        self._claims["hit"] += 1
+        latency_s = first_claim_latency_s(record, now)
+        if latency_s is not None:
+            self._claim_observer.first_claimed(record.namespace, record.taskname, latency_s)
+        return record.activation
 
     def _conclude(self, conclude: Conclude) -> ConcludeResult:
         outcome = self._machine.conclude(

@@ -76,6 +76,23 @@ def admit(record: Record, now: float, limits: Limits) -> None:
     record.status = Status.DELAY if due else Status.PENDING
 
 
+def first_claim_latency_s(record: Record, now: float) -> float | None:
+    """For a record `claim` just handed out: seconds from when it became claimable (its
+    `received_at`, or `delay_until` when it was delayed: waiting out a delay is not latency)
+    to `now`, or None when it was handed out before.
+
+    A record goes back to pending only through a deadline reset, which counts a processing
+    attempt, so no attempts means a first claim (or a claim lost in a crash before it was
+    flushed, which the restarted broker cannot tell apart). `received_at` is the producer's
+    clock: a producer ahead of ours counts as 0 rather than not at all.
+    """
+    if record.processing_attempts:
+        return None
+    start = record.received_at if record.delay_until is None else record.delay_until
+    latency_s = now - start
+    return latency_s if latency_s > 0.0 else 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class IngestResult:
     accepted: int

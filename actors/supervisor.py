@@ -32,6 +32,7 @@ from actors.embedded_kafka import EmbeddedKafka, TopicSpec
 from actors.errors import ActorUnavailable, BrokerError
 from actors.frontend import BlockingStateClient, FrontendConfig, GrpcFrontend
 from actors.messages import Connect, Drain, LoadAndRestore, StopConsuming
+from actors.metrics import FirstClaimMetrics
 from actors.ops_http import OpsEndpoint
 from actors.producer import KafkaProducer, ProducerConfig
 from actors.runtime import ask
@@ -191,6 +192,7 @@ class Supervisor:
                 ),
                 mailboxes.state.to_runtime(),
                 observer=metrics.mailbox,
+                claim_observer=FirstClaimMetrics(metrics.registry, config.metrics_max_task_names),
             )
             broker.actors.append(("state", state))
             ops.snapshots.watch(state=state)

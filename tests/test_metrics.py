@@ -13,15 +13,17 @@ from typing import Any
 import grpc
 import pykka
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import DuplicateTimeseries
 
 from actors.errors import MailboxFull
-from actors.messages import Flush, Ingest, StoreSizesQuery, TickResult
+from actors.messages import Claim, ClaimBatch, Flush, Ingest, StoreSizesQuery, TickResult
 from actors.metrics import (
     TRANSITION_KINDS,
     ActorSnapshots,
     BrokerCollector,
+    FirstClaimMetrics,
     FrontendMetrics,
     MailboxMetrics,
     Metrics,
@@ -196,6 +198,94 @@ class _Collected:
         self.messages.append(message)
 
 
+FIRST_CLAIM = "taskbroker_first_claim_latency_seconds"
+
+
+def test_first_claim_metrics_buckets_count_and_sum_by_namespace_and_task(
+    registry: CollectorRegistry,
+) -> None:
+    observer = FirstClaimMetrics(registry, max_task_names=100)
+    for latency_s in (0.003, 0.004, 0.2, 45.0, 7200.0):
+        observer.first_claimed("ns", "send_email", latency_s)
+    observer.first_claimed("ns", "resize", 0.001)
+
+    labels = {"namespace": "ns", "taskname": "send_email"}
+    assert value(registry, f"{FIRST_CLAIM}_count", **labels) == 5
+    assert value(registry, f"{FIRST_CLAIM}_sum", **labels) == pytest.approx(7245.207)
+    cumulative = {
+        le: value(registry, f"{FIRST_CLAIM}_bucket", **labels, le=le)
+        for le in ("0.001", "0.0025", "0.005", "0.25", "30.0", "60.0", "600.0", "+Inf")
+    }
+    assert cumulative == {
+        "0.001": 0,
+        "0.0025": 0,
+        "0.005": 2,
+        "0.25": 3,
+        "30.0": 3,
+        "60.0": 4,
+        "600.0": 4,
+        "+Inf": 5,
+    }
+    # A bound is inclusive (le): 1 ms lands in the first bucket.
+    resize = {"namespace": "ns", "taskname": "resize"}
+    assert value(registry, f"{FIRST_CLAIM}_bucket", **resize, le="0.001") == 1
+
+
+def test_first_claim_metrics_cap_the_label_pairs(registry: CollectorRegistry) -> None:
+    observer = FirstClaimMetrics(registry, max_task_names=2)
+    observer.first_claimed("n1", "a", 1.0)
+    observer.first_claimed("n1", "b", 1.0)
+    observer.first_claimed("n1", "c", 1.0)  # a known namespace: its own "other"
+    observer.first_claimed("n1", "d", 1.0)
+    observer.first_claimed("n2", "a", 1.0)  # a new namespace: "other" / "other"
+    observer.first_claimed("n3", "e", 1.0)
+    observer.first_claimed("n1", "a", 1.0)  # under the cap from the start: still its own
+
+    counts = {
+        (s.labels["namespace"], s.labels["taskname"]): s.value
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == f"{FIRST_CLAIM}_count"
+    }
+    assert counts == {
+        ("n1", "a"): 2,
+        ("n1", "b"): 1,
+        ("n1", "other"): 2,
+        ("other", "other"): 2,
+    }
+    with pytest.raises(ValueError, match="max_task_names"):
+        FirstClaimMetrics(CollectorRegistry(), max_task_names=0)
+
+
+def test_a_state_actors_first_claims_appear_on_the_metrics_page(
+    registry: CollectorRegistry, actors: list[pykka.ActorRef[Any]]
+) -> None:
+    state = StateActor.start(
+        StateConfig(),
+        MailboxConfig(size=100),
+        claim_observer=FirstClaimMetrics(registry, max_task_names=100),
+        clock=lambda: 1000.0,
+    )
+    actors.append(state)
+    records = (
+        make_record("a", namespace="ns", taskname="t", received_at=999.996),
+        make_record("b", namespace="ns", taskname="t", received_at=998.0),
+    )
+    state.tell(Ingest(records, (KafkaOffset(Partition(0), Offset(1)),)))
+    answers = state.ask(ClaimBatch((Claim(), Claim(), Claim())), block=True, timeout=TIMEOUT_S)
+    assert answers[2] is None
+
+    page = generate_latest(registry).decode()
+    (family,) = [f for f in text_string_to_metric_families(page) if f.name == FIRST_CLAIM]
+    assert family.type == "histogram"
+    assert "sqlite-direct" in family.documentation
+    samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert samples[(f"{FIRST_CLAIM}_count", None)] == 2
+    assert samples[(f"{FIRST_CLAIM}_sum", None)] == pytest.approx(2.004)
+    assert samples[(f"{FIRST_CLAIM}_bucket", "0.005")] == 1
+    assert samples[(f"{FIRST_CLAIM}_bucket", "2.5")] == 2
+
+
 def test_the_writer_reports_each_committed_flush(
     registry: CollectorRegistry, actors: list[pykka.ActorRef[Any]], tmp_path: Path
 ) -> None:
@@ -352,12 +442,15 @@ def test_every_family_is_declared_once_with_help_prefix_and_conventions(
     registry: CollectorRegistry,
 ) -> None:
     Metrics(registry)
+    FirstClaimMetrics(registry, max_task_names=100)
     collector = BrokerCollector(list, ActorSnapshots(), lambda: True)
     registry.register(collector)
     with pytest.raises(DuplicateTimeseries):
         registry.register(BrokerCollector(list, ActorSnapshots(), lambda: True))
     with pytest.raises(ValueError, match="Duplicated"):
         Metrics(registry)  # a second declaration of the same names
+    with pytest.raises(ValueError, match="Duplicated"):
+        FirstClaimMetrics(registry, max_task_names=100)
 
     families = [*registry.collect(), *collector.describe()]
     for family in families:

@@ -47,6 +47,16 @@ def actors() -> Iterator[None]:
     pykka.ActorRegistry.stop_all(timeout=TIMEOUT_S)
 
 
+class FirstClaims:
+    """A `ClaimObserver` that keeps what it is told (read after an ask, so no lock)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, float]] = []
+
+    def first_claimed(self, namespace: str, taskname: str, latency_s: float) -> None:
+        self.seen.append((namespace, taskname, latency_s))
+
+
 def start_state(limits: Limits | None = None) -> pykka.ActorRef[StateActor]:
     config = StateConfig(limits=limits or Limits(), flush_interval_ms=10)
     return StateActor.start(config, MailboxConfig(size=1000))
@@ -95,6 +105,37 @@ def test_batches_answer_one_result_per_item() -> None:
     assert stats.by_status[Status.PROCESSING] == 1
     assert stats.claims == {"hit": 2, "miss": 1}
     assert stats.conclusions == {"applied": 1, "unknown": 1}
+
+
+@pytest.mark.usefixtures("actors")
+def test_first_claims_are_observed_once_on_every_claim_path() -> None:
+    now = [2000.0]
+    observer = FirstClaims()
+    state = StateActor.start(
+        StateConfig(limits=Limits(processing_deadline_grace_s=0)),
+        MailboxConfig(size=1000),
+        claim_observer=observer,
+        clock=lambda: now[0],
+    )
+    ingest(
+        state,
+        make_record("a", namespace="n1", taskname="t.a", received_at=1999.5),
+        make_record("b", namespace="n2", taskname="t.b", received_at=1999.0),
+        make_record("c", namespace="n1", taskname="t.c", received_at=1998.0),
+    )
+    assert ask(state, Claim(namespace="n1")) == b"bytes-of-a"
+    assert ask(state, ClaimBatch((Claim(namespace="n2"),))) == (b"bytes-of-b",)
+    next_task = Claim(namespace="n1")
+    result = ask(state, Conclude(ActivationId("b"), Status.COMPLETE, fetch_next=next_task))
+    assert result.next_task == b"bytes-of-c"
+    assert observer.seen == [("n1", "t.a", 0.5), ("n2", "t.b", 1.0), ("n1", "t.c", 2.0)]
+
+    # Past their deadlines a and c are pending again: claimed again, but not for the first time.
+    now[0] = 2010.0
+    assert ask(state, Tick(now=now[0])).deadline_resets == 2
+    answers = ask(state, ClaimBatch((Claim(), Claim(), Claim())))
+    assert sorted(a for a in answers if a is not None) == [b"bytes-of-a", b"bytes-of-c"]
+    assert len(observer.seen) == 3
 
 
 @pytest.mark.usefixtures("actors")

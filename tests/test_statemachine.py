@@ -14,7 +14,7 @@ from actors.records import (
     Record,
     Status,
 )
-from actors.statemachine import Limits, StateMachine
+from actors.statemachine import Limits, StateMachine, first_claim_latency_s
 from tests.factories import make_record
 
 NOW = 1000.0
@@ -268,6 +268,34 @@ def test_deadline_reset_returns_the_task_to_pending_with_one_more_attempt() -> N
     assert record is not None
     assert (record.status, record.processing_attempts) == (Status.PENDING, 1)
     assert claimed_id(machine, NOW + 14) == "a"
+
+
+def test_first_claim_latency_counts_from_receipt_or_due_time_and_only_once() -> None:
+    machine = StateMachine(Limits(processing_deadline_grace_s=0))
+    ingest(
+        machine,
+        make_record("a", received_at=NOW - 2.5, processing_deadline_duration_s=10),
+        # The producer's clock runs ahead of ours.
+        make_record("ahead", received_at=NOW + 5, processing_deadline_duration_s=600),
+        make_record("delayed", received_at=NOW, delay_until=NOW + 30),
+    )
+    first = machine.claim(NOW)
+    assert first is not None
+    assert first.id == "a"
+    assert first_claim_latency_s(first, NOW) == 2.5
+    ahead = machine.claim(NOW)
+    assert ahead is not None
+    assert first_claim_latency_s(ahead, NOW) == 0.0
+
+    assert machine.tick(NOW + 10).deadline_resets == 1
+    again = machine.claim(NOW + 11)
+    assert again is not None
+    assert again.id == "a"
+    assert first_claim_latency_s(again, NOW + 11) is None
+
+    delayed = machine.claim(NOW + 30.25)
+    assert delayed is not None
+    assert first_claim_latency_s(delayed, NOW + 30.25) == 0.25  # not the 30 s of delay
 
 
 def test_deadline_resets_can_be_held_back() -> None:
