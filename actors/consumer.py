@@ -16,8 +16,8 @@ that message: it seeks its partition back to it, pauses that partition for
 `dlq_retry_backoff_ms` and then reads it again. Skipping it would lose it; stopping the
 whole consumer would stall the partitions that are fine.
 
-The logic lives in plain classes that take `now` as an argument (`IngestBatch`,
-`CommitTracker`, `PauseState`); the actor is the adapter around the confluent-kafka
+The logic lives in plain classes (`IngestBatch`, `CommitTracker`, and `PauseState`, which
+takes `now` as an argument); the actor is the adapter around the confluent-kafka
 client, and the one place where its errors become `KafkaUnavailable`.
 """
 
