@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,15 +63,21 @@ class StateBatcher:
         loop: asyncio.AbstractEventLoop,
         timeout_s: float,
         max_batch: int,
+        *,
+        min_interval_s: float = 0.0,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if min_interval_s < 0:
+            raise ValueError(f"min_interval_s must not be negative, got {min_interval_s}")
         self._state = state
         self._loop = loop
         self._timeout_s = timeout_s
         self._max_batch = max_batch
+        self._min_interval_s = min_interval_s
         self._on_batch = on_batch
+        self._last_sent = -math.inf
         self._queue: deque[_Waiting] = deque()
         self._in_flight: _Flight | None = None
         self._send_scheduled = False
@@ -96,9 +103,7 @@ class StateBatcher:
             raise ActorUnavailable("the front end is stopping")
         future: asyncio.Future[Sequence[WorkAnswer]] = self._loop.create_future()
         self._queue.append(_Waiting(requests, future, self._loop.time() + self._timeout_s))
-        if self._in_flight is None and not self._send_scheduled:
-            self._send_scheduled = True
-            self._loop.call_soon(self._send_next)
+        self._schedule_send()
         return await future
 
     def stop(self) -> None:
@@ -109,11 +114,24 @@ class StateBatcher:
         while self._queue:
             _fail(self._queue.popleft(), error)
 
+    def _schedule_send(self) -> None:
+        """Send what waits at the end of this round, or once `min_interval_s` has passed
+        since the last batch went."""
+        if self._in_flight is not None or self._send_scheduled or not self._queue:
+            return
+        self._send_scheduled = True
+        wait_s = self._last_sent + self._min_interval_s - self._loop.time()
+        if wait_s > 0:
+            self._loop.call_later(wait_s, self._send_next)
+        else:
+            self._loop.call_soon(self._send_next)
+
     def _send_next(self) -> None:
         self._send_scheduled = False
         if self._in_flight is not None or not self._queue:
             return
         now = self._loop.time()
+        self._last_sent = now
         callers: list[_Waiting] = []
         size = 0
         while self._queue and (
@@ -170,7 +188,7 @@ class StateBatcher:
                 start = end
         if self._in_flight is flight:
             self._in_flight = None
-            self._send_next()
+            self._schedule_send()
 
     def _timed_out(self, flight: _Flight) -> None:
         error = ActorUnavailable(
@@ -179,9 +197,9 @@ class StateBatcher:
         for waiting in flight.callers:
             _fail(waiting, error)
         if self._in_flight is flight:
-            # A stuck state actor gets the next batch now: the mailbox bounds what piles up.
+            # A stuck state actor gets the next batch: the mailbox bounds what piles up.
             self._in_flight = None
-            self._send_next()
+            self._schedule_send()
 
 
 def _fail(waiting: _Waiting, error: BaseException) -> None:

@@ -94,7 +94,10 @@ class Config:
     grpc_port: int = 50051
     grpc_max_message_bytes: int = 16 * 1024 * 1024
     grpc_max_workers: int = 64
+    """Threads that run the sqlite-direct design's transactions; the state actor needs none."""
     grpc_state_ask_timeout_ms: int = 5000
+    grpc_batch_interval_ms: int = 4
+    """The front end sends the state actor one batch of calls at most this often."""
     grpc_shutdown_grace_ms: int = 5000
     grpc_shared_secret: tuple[str, ...] = ()
     metrics_addr: str = "0.0.0.0"
@@ -162,6 +165,7 @@ class Config:
         for name in positive.split():
             _at_least(name, getattr(self, name), 1)
         for name in (
+            "grpc_batch_interval_ms",
             "grpc_shutdown_grace_ms",
             "processing_deadline_grace_sec",
             "max_delayed_task_allowed_sec",

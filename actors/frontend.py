@@ -77,6 +77,14 @@ class FrontendConfig:
     max_batch: int = 1024
     """Requests per batch to the state actor. A batch of 1,024 claims takes the state actor
     about 20 ms; callers beyond it wait for the next batch."""
+    min_batch_interval_ms: float = 4.0
+    """Batches go to the state actor at most this often; a call that finds the front end
+    idle for longer goes at once. Each batch costs two thread wake-ups, so under load a
+    short wait that gathers more calls saves more than it costs. Measured with 4 client
+    processes of 64 worker coroutines on 2 cores (server CPU per call; a bare grpc.aio
+    server: 226 us): 0 ms 382 us (2.2 calls per batch), 1 ms 330, 2 ms 299, 4 ms 258 (16
+    per batch), 8 ms 232 (32 per batch). 4 ms: most of the gain, at most 4 ms added to a
+    call."""
     stop_grace_s: float = 5.0
     """How long calls in progress may finish when the front end stops."""
 
@@ -86,8 +94,9 @@ class FrontendConfig:
         for key in ("max_workers", "max_message_bytes", "state_ask_timeout_ms", "max_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.stop_grace_s < 0:
-            raise ConfigError(f"stop_grace_s must not be negative, got {self.stop_grace_s}")
+        for key in ("stop_grace_s", "min_batch_interval_ms"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
         if isinstance(self.shared_secrets, str):
             raise ConfigError("shared_secrets must be a list of secrets, not one string")
 
@@ -502,6 +511,7 @@ class GrpcFrontend(BrokerActor):
                 asyncio.get_running_loop(),
                 config.state_ask_timeout_ms / 1000,
                 config.max_batch,
+                min_interval_s=config.min_batch_interval_ms / 1000,
                 on_batch=lambda size: on_batch("work", size),
             )
             client = ActorStateClient(batcher)

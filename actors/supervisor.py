@@ -232,6 +232,7 @@ class Supervisor:
                 unhealthy_interval_ms=config.upkeep_unhealthy_interval_ms,
                 produce_timeout_ms=produce_timeout_ms,
                 state_ask_timeout_ms=config.grpc_state_ask_timeout_ms,
+                min_batch_interval_ms=config.grpc_batch_interval_ms,
                 maintenance_interval_s=config.store.maintenance_interval_sec,
                 full_vacuum_interval_s=config.store.full_vacuum_interval_sec,
             ),

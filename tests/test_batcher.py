@@ -71,12 +71,15 @@ def run(
     *,
     timeout_s: float = TIMEOUT_S,
     max_batch: int = 100,
+    min_interval_s: float = 0.0,
     sizes: list[int] | None = None,
 ) -> Any:
     async def main() -> Any:
         on_batch = sizes.append if sizes is not None else None
         loop = asyncio.get_running_loop()
-        batcher = StateBatcher(state, loop, timeout_s, max_batch, on_batch=on_batch)
+        batcher = StateBatcher(
+            state, loop, timeout_s, max_batch, min_interval_s=min_interval_s, on_batch=on_batch
+        )
         return await scenario(batcher)
 
     return asyncio.run(main())
@@ -119,6 +122,25 @@ def test_calls_made_while_a_batch_is_in_flight_go_together_in_the_next(
     assert first == (b"first",)
     assert [answer for (answer,) in later] == [f"later-{i}".encode() for i in range(5)]
     assert batches_of(state) == [1, 5]
+
+
+def test_a_lone_call_goes_at_once_and_calls_soon_after_wait_for_the_interval(
+    gate: threading.Event,
+) -> None:
+    state = start_state(gate)
+
+    async def scenario(batcher: StateBatcher) -> Any:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await batcher.ask(claim("lone"))
+        lone_s = loop.time() - started
+        await asyncio.gather(*(batcher.ask(claim(f"soon-{i}")) for i in range(3)))
+        return lone_s, loop.time() - started
+
+    lone_s, all_s = run(state, scenario, min_interval_s=0.2)
+    assert lone_s < 0.15  # an idle front end does not wait out the interval
+    assert all_s >= 0.2
+    assert batches_of(state) == [1, 3]
 
 
 def test_a_batch_holds_at_most_max_batch_requests_and_a_big_caller_goes_alone(
