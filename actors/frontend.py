@@ -107,15 +107,15 @@ class FrontendObserver(Protocol):
     def handled(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         """One ConsumerService call answered: its method name, status code and duration."""
 
-    def batch_sent(self, kind: str, size: int) -> None:
-        """One batch of `size` requests went to the state actor; `kind` is "work"."""
+    def batch_sent(self, size: int) -> None:
+        """One batch of `size` requests went to the state actor."""
 
 
 class _SilentObserver:
     def handled(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         pass
 
-    def batch_sent(self, kind: str, size: int) -> None:
+    def batch_sent(self, size: int) -> None:
         pass
 
 
@@ -505,14 +505,13 @@ class GrpcFrontend(BrokerActor):
         observer = observer if observer is not None else _SilentObserver()
         client: StateClient
         if blocking is None:
-            on_batch = observer.batch_sent
             batcher = StateBatcher(
                 state,
                 asyncio.get_running_loop(),
                 config.state_ask_timeout_ms / 1000,
                 config.max_batch,
                 min_interval_s=config.min_batch_interval_ms / 1000,
-                on_batch=lambda size: on_batch("work", size),
+                on_batch=observer.batch_sent,
             )
             client = ActorStateClient(batcher)
         else:

@@ -152,7 +152,7 @@ def _child(
 
 
 class FrontendMetrics:
-    """The `FrontendObserver`: gRPC calls by method and status code, coalesced batches."""
+    """The `FrontendObserver`: gRPC calls by method and status code, batches to the state."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._requests = Counter(
@@ -169,9 +169,8 @@ class FrontendMetrics:
             buckets=_REQUEST_BUCKETS,
         )
         self._batches = Histogram(
-            f"{PREFIX}grpc_coalesced_batch_size",
-            'Calls per coalesced ask to the state actor, by kind ("claim", "conclude").',
-            ("kind",),
+            f"{PREFIX}grpc_state_batch_size",
+            "Requests (claims and results) per batch from the front end to the state actor.",
             registry=registry,
             buckets=_BATCH_BUCKETS,
         )
@@ -190,8 +189,8 @@ class FrontendMetrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def batch_sent(self, kind: str, size: int) -> None:
-        self._batches.labels(kind).observe(size)
+    def batch_sent(self, size: int) -> None:
+        self._batches.observe(size)
 
 
 class UpkeepMetrics:

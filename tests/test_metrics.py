@@ -132,7 +132,7 @@ def test_frontend_metrics_requests_and_latency_by_method_and_code(
     observer.handled("GetTask", grpc.StatusCode.NOT_FOUND, 0.002)
     observer.handled("GetTask", grpc.StatusCode.NOT_FOUND, 0.002)
     observer.handled("SetTaskStatus", grpc.StatusCode.RESOURCE_EXHAUSTED, 0.5)
-    observer.batch_sent("claim", 7)
+    observer.batch_sent(7)
 
     requests = "taskbroker_grpc_requests_total"
     assert value(registry, requests, method="GetTask", code="OK") == 1
@@ -143,10 +143,10 @@ def test_frontend_metrics_requests_and_latency_by_method_and_code(
     assert value(
         registry, f"{latency}_sum", method="SetTaskStatus", code="RESOURCE_EXHAUSTED"
     ) == pytest.approx(0.5)
-    batches = "taskbroker_grpc_coalesced_batch_size"
-    assert value(registry, f"{batches}_count", kind="claim") == 1
-    assert value(registry, f"{batches}_bucket", kind="claim", le="4.0") == 0
-    assert value(registry, f"{batches}_bucket", kind="claim", le="8.0") == 1
+    batches = "taskbroker_grpc_state_batch_size"
+    assert value(registry, f"{batches}_count") == 1
+    assert value(registry, f"{batches}_bucket", le="4.0") == 0
+    assert value(registry, f"{batches}_bucket", le="8.0") == 1
 
 
 def test_upkeep_metrics_duration_transitions_and_last_tick(registry: CollectorRegistry) -> None:
