@@ -19,6 +19,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from actors.wire import regenerate
 from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2, taskbroker_pb2_grpc
+from actors.wire.taskbroker_actors.v1 import batch_pb2, batch_pb2_grpc
 
 TB = "sentry_protos.taskbroker.v1"
 F = FieldDescriptor
@@ -326,10 +327,65 @@ def test_committed_code_is_what_the_protos_generate(tmp_path: Path) -> None:
     assert stale == [], "run `python -m actors.wire.regenerate` and commit the result"
 
 
-@pytest.mark.parametrize("module", [taskbroker_pb2_grpc, health_pb2_grpc])
+@pytest.mark.parametrize("module", [taskbroker_pb2_grpc, health_pb2_grpc, batch_pb2_grpc])
 def test_grpc_modules_import_from_inside_the_package(module: ModuleType) -> None:
     # protoc's own imports would name a top-level `sentry_protos` / `grpc.health` package.
     source = Path(str(module.__file__)).read_text()
     assert "\nfrom actors.wire." in source
     assert "\nfrom sentry_protos" not in source
     assert "\nfrom grpc.health" not in source
+
+
+# --- Our batched worker API (taskbroker_actors.v1): ours to evolve, but not to renumber -----
+
+BA = "taskbroker_actors.v1"
+
+BATCH_METHODS = {
+    "FetchTasks": (f"{BA}.FetchTasksRequest", f"{BA}.FetchTasksResponse"),
+    "ReportResults": (f"{BA}.ReportResultsRequest", f"{BA}.ReportResultsResponse"),
+    "ReportAndFetch": (f"{BA}.ReportAndFetchRequest", f"{BA}.FetchTasksResponse"),
+}
+
+# message -> [(field, number, type, cardinality, type name)]
+BATCH_FIELDS: dict[str, list[tuple[str, int, int, str, str | None]]] = {
+    "FetchTasksRequest": [
+        ("application", 1, F.TYPE_STRING, "singular", None),
+        ("namespace", 2, F.TYPE_STRING, "singular", None),
+        ("max_tasks", 3, F.TYPE_UINT32, "singular", None),
+        ("wait_ms", 4, F.TYPE_UINT32, "singular", None),
+    ],
+    "FetchTasksResponse": [("tasks", 1, F.TYPE_MESSAGE, "repeated", f"{TB}.TaskActivation")],
+    # SetTaskStatusRequest's numbers, so that a result reads the same on both services.
+    "TaskResult": [
+        ("id", 1, F.TYPE_STRING, "singular", None),
+        ("status", 2, F.TYPE_ENUM, "singular", f"{TB}.TaskActivationStatus"),
+        ("max_attempts", 4, F.TYPE_UINT32, "optional", None),
+        ("delay_on_retry", 5, F.TYPE_UINT64, "optional", None),
+    ],
+    "ReportResultsRequest": [("results", 1, F.TYPE_MESSAGE, "repeated", f"{BA}.TaskResult")],
+    "ReportResultsResponse": [],
+    "ReportAndFetchRequest": [
+        ("results", 1, F.TYPE_MESSAGE, "repeated", f"{BA}.TaskResult"),
+        ("fetch", 2, F.TYPE_MESSAGE, "singular", f"{BA}.FetchTasksRequest"),
+    ],
+}
+
+
+def test_the_batch_service_has_exactly_its_unary_methods() -> None:
+    service = batch_pb2.DESCRIPTOR.services_by_name["TaskBatchService"]
+    assert service.full_name == f"{BA}.TaskBatchService"
+    declared = {
+        method.name: (method.input_type.full_name, method.output_type.full_name)
+        for method in service.methods
+        if not method.client_streaming and not method.server_streaming
+    }
+    assert declared == BATCH_METHODS
+    assert len(service.methods) == len(BATCH_METHODS)
+
+
+def test_the_batch_messages_have_exactly_their_fields() -> None:
+    declared = {
+        name: [(f.name, f.number, f.type, _cardinality(f), _type_name(f)) for f in message.fields]
+        for name, message in batch_pb2.DESCRIPTOR.message_types_by_name.items()
+    }
+    assert declared == BATCH_FIELDS

@@ -4,7 +4,7 @@
 
 Runs grpcio-tools' protoc (the pinned test dependency) on every `.proto` under `proto/`,
 then makes the output importable from inside this package: protoc writes imports for a
-top-level `sentry_protos` / `grpc.health` package, rewritten here to `actors.wire.*`.
+top-level `sentry_protos` / `taskbroker_actors` / `grpc.health` package, rewritten here to `actors.wire.*`.
 The descriptors keep their proto names (`sentry_protos.taskbroker.v1.*`), so the wire
 format and the gRPC method paths are untouched. protoc writes no type stubs for the
 `_pb2_grpc` modules; this module writes them from the service descriptors, so that the
@@ -32,7 +32,9 @@ PACKAGE = "actors.wire"
 _HAND_WRITTEN = frozenset({"__init__.py", "regenerate.py"})
 
 # protoc's imports of our own generated modules, at any indentation.
-_OWN_IMPORT = re.compile(r"^(\s*)from (sentry_protos|grpc\.health)([. ])", re.MULTILINE)
+_OWN_IMPORT = re.compile(
+    r"^(\s*)from (sentry_protos|taskbroker_actors|grpc\.health)([. ])", re.MULTILINE
+)
 
 
 class GenerationError(RuntimeError):
