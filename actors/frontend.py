@@ -1,15 +1,8 @@
-"""GrpcFrontend: the `sentry_protos.taskbroker.v1.ConsumerService` and gRPC health, answered
-from the state actor.
+"""GrpcFrontend: the worker-facing gRPC server (`actors.services`) and gRPC health.
 
 The server is grpc.aio, on one event loop in one thread of its own. Every handler runs on
 that loop, and the state asks of one round of the loop go to the state actor as one batch
-(`actors.batcher`): no thread pool, no hand-off per call. Measured with `python -m loadtest
-grpc` (2 cores, 4 client processes of 64 coroutines each): see `FrontendConfig.max_batch`.
-
-The service is registered on raw bytes (no deserializer, no serializer), for three reasons:
-a malformed request is answered INVALID_ARGUMENT by our code instead of grpc's generic
-error and traceback; the signature is checked over the bytes exactly as they arrived; and
-a task goes out as its stored bytes framed as a response, never parsed and re-serialized.
+(`actors.batcher`): no thread pool, no hand-off per call.
 """
 
 from __future__ import annotations
@@ -17,43 +10,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Final, Protocol, TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
 
 import grpc
 import pykka
-from google.protobuf.message import DecodeError
 
-from actors.activation import get_task_response_bytes
 from actors.auth import SignatureCheck
 from actors.batcher import StateBatcher
-from actors.errors import ActorUnavailable, ConfigError, MailboxFull
-from actors.messages import Claim, Conclude, ConcludeResult, SetServing
-from actors.records import ActivationId, Status
+from actors.errors import ConfigError
+from actors.messages import SetServing
 from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver
+from actors.services import (
+    BATCH_SERVICE_NAME,
+    SERVICE_NAME,
+    BatchLimits,
+    ConsumerService,
+    FrontendObserver,
+    SilentObserver,
+    TaskBatchService,
+    unary_handlers,
+)
+from actors.state_client import (
+    ActorStateClient,
+    BlockingStateClient,
+    StateClient,
+    ThreadedStateClient,
+)
 from actors.wire.grpc.health.v1 import health_pb2
-from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME: Final = "sentry_protos.taskbroker.v1.ConsumerService"
-GET_TASK: Final = "GetTask"
-SET_TASK_STATUS: Final = "SetTaskStatus"
-SET_BATCH_ACTIVATION_STATUS: Final = "SetBatchActivationStatus"
-
 HEALTH_SERVICE_NAME: Final = "grpc.health.v1.Health"
-
-NO_PENDING_ACTIVATIONS: Final = "No pending activations"
-
-# The statuses a worker may report; every other value of the wire enum is refused.
-_CONCLUSIONS: Final[dict[int, Status]] = {
-    pb.TASK_ACTIVATION_STATUS_COMPLETE: Status.COMPLETE,
-    pb.TASK_ACTIVATION_STATUS_RETRY: Status.RETRY,
-    pb.TASK_ACTIVATION_STATUS_FAILURE: Status.FAILURE,
-}
 
 # Starting and stopping the loop's thread and the server on it.
 _LOOP_START_TIMEOUT_S: Final = 10.0
@@ -87,6 +76,8 @@ class FrontendConfig:
     call."""
     stop_grace_s: float = 5.0
     """How long calls in progress may finish when the front end stops."""
+    batch: BatchLimits = field(default_factory=BatchLimits)
+    """Limits of the batched worker API (TaskBatchService)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -99,253 +90,6 @@ class FrontendConfig:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
         if isinstance(self.shared_secrets, str):
             raise ConfigError("shared_secrets must be a list of secrets, not one string")
-
-
-class FrontendObserver(Protocol):
-    """Receives the front end's measurements, on the front end's event loop thread."""
-
-    def handled(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        """One ConsumerService call answered: its method name, status code and duration."""
-
-    def batch_sent(self, size: int) -> None:
-        """One batch of `size` requests went to the state actor."""
-
-
-class _SilentObserver:
-    def handled(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        pass
-
-    def batch_sent(self, size: int) -> None:
-        pass
-
-
-# --- Talking to the state ----------------------------------------------------------------
-
-
-class StateClient(Protocol):
-    """How handlers reach the state, from the event loop."""
-
-    async def claim(self, claim: Claim) -> bytes | None: ...
-
-    async def conclude(self, conclude: Conclude) -> ConcludeResult: ...
-
-    async def conclude_all(self, conclusions: tuple[Conclude, ...]) -> Sequence[ConcludeResult]: ...
-
-    def stop(self) -> None:
-        """Refuse new requests; called on the loop after the server has stopped."""
-
-
-class BlockingStateClient(Protocol):
-    """A state that answers in the caller's thread, taking its time (the sqlite-direct
-    design's transactions)."""
-
-    def claim(self, claim: Claim) -> bytes | None: ...
-
-    def conclude(self, conclude: Conclude) -> ConcludeResult: ...
-
-    def conclude_all(self, conclusions: tuple[Conclude, ...]) -> Sequence[ConcludeResult]: ...
-
-
-class ActorStateClient:
-    """The state actor, asked in batches: one `WorkBatch` per round of the loop."""
-
-    def __init__(self, batcher: StateBatcher) -> None:
-        self._batcher = batcher
-
-    def __repr__(self) -> str:
-        return f"<ActorStateClient {self._batcher!r}>"
-
-    async def claim(self, claim: Claim) -> bytes | None:
-        (answer,) = await self._batcher.ask((claim,))
-        return answer  # type: ignore[return-value]  # a Claim is answered with bytes or None
-
-    async def conclude(self, conclude: Conclude) -> ConcludeResult:
-        (result,) = await self._batcher.ask((conclude,))
-        return result  # type: ignore[return-value]  # a Conclude gets a ConcludeResult
-
-    async def conclude_all(self, conclusions: tuple[Conclude, ...]) -> Sequence[ConcludeResult]:
-        return await self._batcher.ask(conclusions)  # type: ignore[return-value]
-
-    def stop(self) -> None:
-        self._batcher.stop()
-
-
-class ThreadedStateClient:
-    """A blocking state client run on a thread pool, so that its waits never stall the loop."""
-
-    def __init__(self, blocking: BlockingStateClient, threads: int) -> None:
-        self._blocking = blocking
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc-state")
-
-    def __repr__(self) -> str:
-        return f"<ThreadedStateClient {self._blocking!r}>"
-
-    async def claim(self, claim: Claim) -> bytes | None:
-        return await self._run(self._blocking.claim, claim)
-
-    async def conclude(self, conclude: Conclude) -> ConcludeResult:
-        return await self._run(self._blocking.conclude, conclude)
-
-    async def conclude_all(self, conclusions: tuple[Conclude, ...]) -> Sequence[ConcludeResult]:
-        return await self._run(self._blocking.conclude_all, conclusions)
-
-    def stop(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _run(self, call: Callable[[Any], T], argument: object) -> Awaitable[T]:
-        return asyncio.get_running_loop().run_in_executor(self._pool, call, argument)
-
-
-# --- ConsumerService -----------------------------------------------------------------------
-
-
-class RequestRefused(Exception):
-    """A request answered with a non-OK status that is the caller's doing, not the broker's."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
-UnaryHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
-
-
-class ConsumerService:
-    """The three ConsumerService methods on raw bytes; each answer is a serialized response.
-
-    Status codes follow WIRE.md "Semantics". Errors reaching the state actor become
-    UNAVAILABLE (no answer in time, actor stopped) or RESOURCE_EXHAUSTED (its mailbox is
-    full); both are worth a retry to a worker.
-    """
-
-    def __init__(
-        self,
-        state: StateClient,
-        signature: SignatureCheck,
-        observer: FrontendObserver | None = None,
-    ) -> None:
-        self._state = state
-        self._signature = signature
-        self._observer: FrontendObserver = observer if observer is not None else _SilentObserver()
-
-    def __repr__(self) -> str:
-        return f"<ConsumerService {self._state!r} {self._signature!r}>"
-
-    async def get_task(self, request: bytes) -> bytes:
-        message = _parse(pb.GetTaskRequest, request)
-        claim = Claim(application=message.application or None, namespace=message.namespace or None)
-        activation = await self._state.claim(claim)
-        if activation is None:
-            raise RequestRefused(grpc.StatusCode.NOT_FOUND, NO_PENDING_ACTIVATIONS)
-        return get_task_response_bytes(activation)
-
-    async def set_task_status(self, request: bytes) -> bytes:
-        conclude = _conclusion(_parse(pb.SetTaskStatusRequest, request), keep_fetch_next=True)
-        return get_task_response_bytes((await self._state.conclude(conclude)).next_task)
-
-    async def set_batch_activation_status(self, request: bytes) -> bytes:
-        message = _parse(pb.SetBatchActivationStatusRequest, request)
-        # Every update is checked before any is applied, so a refused batch changed nothing.
-        conclusions = []
-        for index, update in enumerate(message.updates):
-            try:
-                conclusions.append(_conclusion(update, keep_fetch_next=False))
-            except RequestRefused as refused:
-                raise RequestRefused(refused.code, f"updates[{index}]: {refused.details}") from None
-        if conclusions:
-            await self._state.conclude_all(tuple(conclusions))
-        return b""  # SetBatchActivationStatusResponse has no fields
-
-    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        """The grpc method handlers, by method name, on raw bytes."""
-        answers: dict[str, Callable[[bytes], Awaitable[bytes]]] = {
-            GET_TASK: self.get_task,
-            SET_TASK_STATUS: self.set_task_status,
-            SET_BATCH_ACTIVATION_STATUS: self.set_batch_activation_status,
-        }
-        return {
-            name: grpc.unary_unary_rpc_method_handler(self._unary(name, answer))
-            for name, answer in answers.items()
-        }
-
-    def _unary(self, method: str, answer: Callable[[bytes], Awaitable[bytes]]) -> UnaryHandler:
-        path = f"/{SERVICE_NAME}/{method}"
-        signature, observer = self._signature, self._observer
-
-        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                _authenticate(signature, path, request, context)
-                return await answer(request)
-            except RequestRefused as refused:
-                code, details = refused.code, refused.details
-            except MailboxFull as error:
-                code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-            except ActorUnavailable as error:
-                code, details = grpc.StatusCode.UNAVAILABLE, str(error)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED  # the client went away; nobody to answer
-                raise
-            except Exception:
-                # A bug, not a request's fault: the trace is the point of the log line.
-                logger.exception("%s failed", method)
-                code, details = grpc.StatusCode.INTERNAL, f"{method} failed in the broker"
-            finally:
-                observer.handled(method, code, time.perf_counter() - started)
-            context.set_code(code)
-            context.set_details(details)
-            return b""
-
-        return handle
-
-
-def _authenticate(
-    signature: SignatureCheck, path: str, request: bytes, context: grpc.aio.ServicerContext
-) -> None:
-    # Reading the metadata costs a copy per call: only when signing is on.
-    if signature.enabled and not signature.verify(path, request, context.invocation_metadata()):
-        raise RequestRefused(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid sentry-signature")
-
-
-def _parse(message_type: Any, request: bytes) -> Any:
-    try:
-        return message_type.FromString(request)
-    except DecodeError:
-        raise RequestRefused(
-            grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a {message_type.__name__}"
-        ) from None
-
-
-def _conclusion(update: pb.SetTaskStatusRequest, *, keep_fetch_next: bool) -> Conclude:
-    if not update.id:
-        raise RequestRefused(grpc.StatusCode.INVALID_ARGUMENT, "id is required")
-    status = _CONCLUSIONS.get(update.status)
-    if status is None:
-        raise RequestRefused(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"status must be COMPLETE, RETRY or FAILURE, got {_status_name(update.status)}",
-        )
-    fetch_next = None
-    # In a batch the response has no room for a task: a claim there would strand it.
-    if keep_fetch_next and update.HasField("fetch_next_task"):
-        fetch = update.fetch_next_task
-        fetch_next = Claim(application=fetch.application or None, namespace=fetch.namespace or None)
-    return Conclude(
-        id=ActivationId(update.id),
-        status=status,
-        max_attempts=update.max_attempts if update.HasField("max_attempts") else None,
-        delay_on_retry_s=update.delay_on_retry if update.HasField("delay_on_retry") else None,
-        fetch_next=fetch_next,
-    )
-
-
-def _status_name(value: int) -> str:
-    try:
-        return str(pb.TaskActivationStatus.Name(value))
-    except ValueError:
-        return str(value)
 
 
 # --- Health ----------------------------------------------------------------------------------
@@ -502,7 +246,7 @@ class GrpcFrontend(BrokerActor):
         observer: FrontendObserver | None,
     ) -> _Served:
         config = self._config
-        observer = observer if observer is not None else _SilentObserver()
+        observer = observer if observer is not None else SilentObserver()
         client: StateClient
         if blocking is None:
             batcher = StateBatcher(
@@ -516,10 +260,18 @@ class GrpcFrontend(BrokerActor):
             client = ActorStateClient(batcher)
         else:
             client = ThreadedStateClient(blocking, config.max_workers)
-        service = ConsumerService(client, SignatureCheck(config.shared_secrets), observer)
+        signature = SignatureCheck(config.shared_secrets)
         server = grpc.aio.server(
             handlers=[
-                grpc.method_handlers_generic_handler(SERVICE_NAME, service.method_handlers())
+                unary_handlers(
+                    SERVICE_NAME, ConsumerService(client).answers(), signature, observer
+                ),
+                unary_handlers(
+                    BATCH_SERVICE_NAME,
+                    TaskBatchService(client, config.batch).answers(),
+                    signature,
+                    observer,
+                ),
             ],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),

@@ -30,13 +30,14 @@ from actors.consumer import BatchLimits, ConsumerConfig, KafkaConsumer
 from actors.direct import DirectStore, SqliteDirectState, SqliteDirectStateClient
 from actors.embedded_kafka import EmbeddedKafka, TopicSpec
 from actors.errors import ActorUnavailable, BrokerError
-from actors.frontend import BlockingStateClient, FrontendConfig, GrpcFrontend
+from actors.frontend import FrontendConfig, GrpcFrontend
 from actors.messages import Connect, Drain, LoadAndRestore, StopConsuming
 from actors.metrics import FirstClaimMetrics
 from actors.ops_http import OpsEndpoint
 from actors.producer import KafkaProducer, ProducerConfig
 from actors.runtime import ask
 from actors.state import StateActor, StateConfig
+from actors.state_client import BlockingStateClient
 from actors.statemachine import Limits
 from actors.upkeep import HealthMonitor, Heartbeat, Upkeep, UpkeepConfig
 from actors.writer import SqliteWriter, WriterConfig

@@ -40,10 +40,11 @@ import grpc
 import pykka
 
 from actors.activation import decode_record, encode_activation, get_task_response_bytes
-from actors.frontend import GET_TASK, SERVICE_NAME, SET_TASK_STATUS, FrontendConfig, GrpcFrontend
+from actors.frontend import FrontendConfig, GrpcFrontend
 from actors.messages import Ingest, Stats
 from actors.records import KafkaOffset, Offset, Partition, Status
 from actors.runtime import MailboxConfig
+from actors.services import GET_TASK, SERVICE_NAME, SET_TASK_STATUS
 from actors.state import StateActor, StateConfig
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2_grpc as pb_grpc

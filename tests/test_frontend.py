@@ -15,7 +15,7 @@ import pytest
 
 from actors.auth import SIGNATURE_METADATA_KEY, sign
 from actors.errors import ConfigError, MailboxFull
-from actors.frontend import SERVICE_NAME, FrontendConfig, GrpcFrontend
+from actors.frontend import FrontendConfig, GrpcFrontend
 from actors.messages import (
     Connect,
     Ingest,
@@ -27,6 +27,7 @@ from actors.messages import (
 )
 from actors.records import OnAttemptsExceeded, Status
 from actors.runtime import MailboxConfig, MailboxPolicy, mailbox_stats_of
+from actors.services import SERVICE_NAME
 from actors.wire.grpc.health.v1 import health_pb2
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from tests.grpc_support import TIMEOUT_S, Broker, StartBroker, activation_record
