@@ -16,6 +16,7 @@ from actors.frontend import FrontendConfig, GrpcFrontend
 from actors.messages import Ingest
 from actors.records import KafkaOffset, Record
 from actors.runtime import MailboxConfig
+from actors.services import BatchLimits
 from actors.state import StateActor, StateConfig
 from actors.wire.grpc.health.v1 import health_pb2_grpc
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2_grpc as pb_grpc
@@ -69,6 +70,7 @@ def broker_starter() -> Iterator[StartBroker]:
         state_ask_timeout_ms: int = 2000,
         state_mailbox: MailboxConfig | None = None,
         state_config: StateConfig | None = None,
+        batch_limits: BatchLimits | None = None,
     ) -> Broker:
         state = StateActor.start(
             state_config or StateConfig(), state_mailbox or MailboxConfig(size=1000)
@@ -80,6 +82,7 @@ def broker_starter() -> Iterator[StartBroker]:
             shared_secrets=shared_secrets,
             state_ask_timeout_ms=state_ask_timeout_ms,
             max_batch=max_batch,
+            batch=batch_limits or BatchLimits(),
             stop_grace_s=1.0,
         )
         frontend = GrpcFrontend.start(config, state)
