@@ -18,6 +18,7 @@ from typing import Any
 
 from actors.errors import ConfigError
 from actors.runtime import MailboxConfig, MailboxPolicy
+from actors.services import BatchLimits
 
 ENV_PREFIX = "TASKBROKER_"
 ENV_NESTING = "__"
@@ -120,6 +121,8 @@ class Config:
     db_path: str = "./taskbroker-inflight.sqlite"
     store_mode: StoreMode = StoreMode.MEMORY
     store: StoreSettings = field(default_factory=StoreSettings)
+    batch: BatchLimits = field(default_factory=BatchLimits)
+    """Limits of the batched worker API (`taskbroker_actors.v1.TaskBatchService`)."""
 
     max_pending_count: int = 2048
     max_processing_count: int = 2048

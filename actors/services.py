@@ -212,9 +212,9 @@ class BatchLimits:
     def __post_init__(self) -> None:
         for key in ("max_fetch", "max_results"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"batch.{key} must be at least 1, got {getattr(self, key)}")
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.max_wait_ms < 0:
-            raise ConfigError(f"batch.max_wait_ms must not be negative, got {self.max_wait_ms}")
+            raise ConfigError(f"max_wait_ms must not be negative, got {self.max_wait_ms}")
 
 
 class TaskBatchService:

@@ -287,6 +287,7 @@ class Supervisor:
                 max_message_bytes=config.grpc_max_message_bytes,
                 state_ask_timeout_ms=config.grpc_state_ask_timeout_ms,
                 min_batch_interval_ms=config.grpc_batch_interval_ms,
+                batch=config.batch,
                 shared_secrets=config.grpc_shared_secret,
                 stop_grace_s=config.grpc_shutdown_grace_ms / 1000,
             ),
