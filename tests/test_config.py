@@ -82,6 +82,9 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
         ({"store": 3}, "store: expected a table of settings"),
         ({"mailbox.state.policy": "drop_newest"}, "mailbox.state.policy: drop_newest could lose"),
         ({"mailbox.writer.policy": "drop_oldest"}, "mailbox.writer.policy: drop_oldest could lose"),
+        ({"batch.max_fetch": 0}, "batch.max_fetch must be at least 1"),
+        ({"batch.max_wait_ms": -1}, "batch.max_wait_ms must not be negative"),
+        ({"grpc_batch_interval_ms": -1}, "grpc_batch_interval_ms: must be at least 0"),
     ],
 )
 def test_bad_values_name_the_key(overrides: dict[str, object], message: str) -> None:
