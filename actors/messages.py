@@ -147,6 +147,8 @@ class TickResult:
     expired: int
     delays_due: int
     failed_by_deadline: int
+    leases_ended: int = 0
+    """Pushes never acknowledged within their lease: back to pending."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,9 +59,13 @@ class PendingQueue:
         return f"PendingQueue(groups={len(self._groups)}, entries={entries})"
 
     def push(self, record: Record) -> None:
-        group = (record.application, record.namespace)
         order = (int(record.added_at * 1_000_000) << _SEQUENCE_BITS) | next(self._sequence)
-        entry = (order, record)
+        self.push_back((order, record))
+
+    def push_back(self, entry: Entry) -> None:
+        """Queue an entry that `pop` returned, in the place it had (a push that failed)."""
+        record = entry[1]
+        group = (record.application, record.namespace)
         heap = self._groups.get(group)
         if heap is None:
             heap = self._groups[group] = []

@@ -23,8 +23,9 @@ Offset = NewType("Offset", int)
 class Status(IntEnum):
     """Where a record is in its life.
 
-    Values 1-5 equal the wire enum `TaskActivationStatus`; `DELAY` is the broker's own
-    (a task that is not yet due), never sent to a worker.
+    Values 1-5 equal the wire enum `TaskActivationStatus`; `DELAY` (a task that is not yet
+    due) and `CLAIMED` (taken for a push that the worker has not yet acknowledged) are the
+    broker's own, never sent to a worker.
     """
 
     PENDING = 1
@@ -33,6 +34,7 @@ class Status(IntEnum):
     RETRY = 4
     COMPLETE = 5
     DELAY = 6
+    CLAIMED = 7
 
 
 class OnAttemptsExceeded(IntEnum):
@@ -63,6 +65,7 @@ class Record:
     activation: bytes = field(repr=False)
     processing_deadline_duration_s: int = 0
     processing_deadline: float | None = None
+    """PROCESSING: when the task goes back to pending. CLAIMED: when its push lease ends."""
     processing_attempts: int = 0
     at_most_once: bool = False
     on_attempts_exceeded: OnAttemptsExceeded = OnAttemptsExceeded.DISCARD

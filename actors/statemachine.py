@@ -19,7 +19,7 @@ from actors.messages import (
     ProduceOrder,
     TickResult,
 )
-from actors.pending import PendingQueue
+from actors.pending import Entry, PendingQueue
 from actors.records import (
     ActivationId,
     KafkaOffset,
@@ -34,7 +34,7 @@ from actors.records import (
 # the claim and result paths statuses are matched in tuples (identity first, no hashing)
 # and counted in lists indexed by value.
 _CONCLUSIONS = (Status.COMPLETE, Status.RETRY, Status.FAILURE)
-_CONCLUDABLE = (Status.PROCESSING, Status.PENDING)
+_CONCLUDABLE = (Status.PROCESSING, Status.PENDING, Status.CLAIMED)
 _AWAITING_PRODUCE = (Status.RETRY, Status.FAILURE)
 _STATUS_SLOTS = max(Status) + 1
 _COUNTED = tuple(s for s in Status if s is not Status.COMPLETE)
@@ -138,6 +138,9 @@ class StateMachine:
         self._deadlines: list[tuple[float, ActivationId]] = []
         self._delays: list[tuple[float, ActivationId]] = []
         self._expiries: list[tuple[float, ActivationId]] = []
+        self._leases: list[tuple[float, ActivationId]] = []
+        # A claimed record's pending entry, so that a failed push puts it back in its place.
+        self._claimed_entries: dict[ActivationId, Entry] = {}
         self._retry: set[ActivationId] = set()
         self._deadletter: set[ActivationId] = set()
         self._by_status = [0] * _STATUS_SLOTS
@@ -188,7 +191,8 @@ class StateMachine:
         limits = self.limits
         return (
             self._by_status[Status.PENDING] >= limits.max_pending_count
-            or self._by_status[Status.PROCESSING] >= limits.max_processing_count
+            or self._by_status[Status.PROCESSING] + self._by_status[Status.CLAIMED]
+            >= limits.max_processing_count
             or self._by_status[Status.DELAY] >= limits.max_delay_count
         )
 
@@ -240,13 +244,50 @@ class StateMachine:
             if record.expires_at is not None and record.expires_at <= now:
                 self._finish(record)
                 continue
-            grace_s = self.limits.processing_deadline_grace_s
-            deadline = now + record.processing_deadline_duration_s + grace_s
-            record.processing_deadline = deadline
-            heapq.heappush(self._deadlines, (deadline, record.id))
-            self._set_status(record, Status.PROCESSING)
+            self._start_processing(record, now)
             return record
         return None
+
+    def claim_for_push(
+        self, now: float, application: str | None, lease_s: float
+    ) -> Record | None:
+        """Take the oldest pending record of `application` for a push: CLAIMED until the
+        worker acknowledges it (`push_acknowledged`), refuses it (`push_failed`), or the
+        lease ends (`tick`), whichever comes first."""
+        delays = self._delays
+        if delays and delays[0][0] <= now:
+            self._promote_delays(now)
+        while (entry := self._pending.pop(application, None)) is not None:
+            record = entry[1]
+            if record.expires_at is not None and record.expires_at <= now:
+                self._finish(record)
+                continue
+            lease_until = now + lease_s
+            self._claimed_entries[record.id] = entry
+            record.processing_deadline = lease_until
+            heapq.heappush(self._leases, (lease_until, record.id))
+            self._set_status(record, Status.CLAIMED)
+            return record
+        return None
+
+    def push_acknowledged(self, activation_id: ActivationId, now: float) -> bool:
+        """The worker took the task: PROCESSING, its deadline counted from now, as if it
+        had been pulled now. False when it is no longer CLAIMED (a result came first, or
+        the lease ended)."""
+        record = self._records.get(activation_id)
+        if record is None or record.status is not Status.CLAIMED:
+            return False
+        self._start_processing(record, now)
+        return True
+
+    def push_failed(self, activation_id: ActivationId) -> bool:
+        """The push did not reach a worker: pending again, in its old place, and no
+        processing attempt counted (no worker ran it)."""
+        record = self._records.get(activation_id)
+        if record is None or record.status is not Status.CLAIMED:
+            return False
+        self._unclaim(record)
+        return True
 
     def conclude(
         self,
@@ -288,8 +329,12 @@ class StateMachine:
         return outcome
 
     def tick(self, now: float, *, deadline_resets: bool = True) -> TickResult:
-        """Run every time-driven transition and list what Kafka must acknowledge next."""
+        """Run every time-driven transition and list what Kafka must acknowledge next.
+
+        Leases end even during the startup grace: a push that never finished reached no
+        worker that could still report it."""
         delays_due = self._promote_delays(now)
+        leases_ended = self._end_leases(now)
         expired = self._expire(now)
         resets, failed_by_deadline = self._handle_deadlines(now) if deadline_resets else (0, 0)
         return TickResult(
@@ -298,6 +343,7 @@ class StateMachine:
             expired=expired,
             delays_due=delays_due,
             failed_by_deadline=failed_by_deadline,
+            leases_ended=leases_ended,
         )
 
     def produce_orders(self) -> tuple[ProduceOrder, ...]:
@@ -321,6 +367,10 @@ class StateMachine:
             raise ValueError(f"restore needs an empty state machine, not {self!r}")
         for record in records:
             self._in_store.add(record.id)
+            if record.status is Status.CLAIMED:
+                # Its push died with the last process: no worker acknowledged it.
+                record.status, record.processing_deadline = Status.PENDING, None
+                self._changes.dirty.add(record.id)
             self._add(record)
             if record.status is Status.PROCESSING and record.processing_deadline is not None:
                 heapq.heappush(self._deadlines, (record.processing_deadline, record.id))
@@ -394,6 +444,40 @@ class StateMachine:
         elif status is Status.FAILURE:
             self._deadletter.add(record.id)
 
+    def _start_processing(self, record: Record, now: float) -> None:
+        self._claimed_entries.pop(record.id, None)
+        grace_s = self.limits.processing_deadline_grace_s
+        deadline = now + record.processing_deadline_duration_s + grace_s
+        record.processing_deadline = deadline
+        heapq.heappush(self._deadlines, (deadline, record.id))
+        self._set_status(record, Status.PROCESSING)
+
+    def _unclaim(self, record: Record) -> None:
+        record.processing_deadline = None
+        self._set_status(record, Status.PENDING)
+        entry = self._claimed_entries.pop(record.id, None)
+        if entry is None:
+            self._enter_pending(record)
+            return
+        self._pending.push_back(entry)
+        if record.expires_at is not None:
+            # Its first expiry entry may have been passed over while it was claimed.
+            heapq.heappush(self._expiries, (record.expires_at, record.id))
+
+    def _end_leases(self, now: float) -> int:
+        leases, records = self._leases, self._records
+        ended = 0
+        while leases and leases[0][0] <= now:
+            lease_until, activation_id = heapq.heappop(leases)
+            record = records.get(activation_id)
+            if record is None or record.status is not Status.CLAIMED:
+                continue
+            if record.processing_deadline != lease_until:
+                continue
+            self._unclaim(record)
+            ended += 1
+        return ended
+
     def _enter_pending(self, record: Record) -> None:
         self._pending.push(record)
         if record.expires_at is not None:
@@ -421,6 +505,7 @@ class StateMachine:
         """The record is complete: it leaves memory, and its row goes if it was ever written."""
         activation_id = record.id
         del self._records[activation_id]
+        self._claimed_entries.pop(activation_id, None)
         self._by_status[record.status] -= 1
         self._by_group[(record.application, record.namespace)][record.status] -= 1
         self._by_partition[record.partition] -= 1

@@ -526,6 +526,85 @@ def test_restore_refuses_a_machine_with_state() -> None:
         machine.restore([make_record("b")])
 
 
+# --- push delivery -----------------------------------------------------------------------
+
+
+def test_a_push_claim_is_processing_only_once_acknowledged() -> None:
+    machine = StateMachine(Limits(processing_deadline_grace_s=3))
+    ingest(machine, make_record("a", processing_deadline_duration_s=60))
+    record = machine.claim_for_push(NOW, None, lease_s=10)
+    assert record is not None
+    assert (record.status, record.processing_deadline) == (Status.CLAIMED, NOW + 10)
+    assert machine.claim(NOW) is None, "a claimed task is not handed out again"
+    assert machine.push_acknowledged(ActivationId("a"), NOW + 2)
+    assert (record.status, record.processing_deadline) == (Status.PROCESSING, NOW + 2 + 63)
+    assert not machine.push_acknowledged(ActivationId("a"), NOW + 3)
+
+
+def test_a_failed_push_returns_the_task_to_its_place_without_an_attempt() -> None:
+    machine = StateMachine()
+    ingest(machine, make_record("old"), make_record("new"), now=NOW)
+    record = machine.claim_for_push(NOW, "app", lease_s=10)
+    assert record is not None
+    assert record.id == "old"
+    assert machine.push_failed(record.id)
+    assert (record.status, record.processing_attempts) == (Status.PENDING, 0)
+    assert claimed_id(machine) == "old", "oldest first, after a failed push too"
+
+
+def test_push_claims_stay_within_their_application() -> None:
+    machine = StateMachine()
+    ingest(machine, make_record("a", application="one"), make_record("b", application="two"))
+    record = machine.claim_for_push(NOW, "two", lease_s=10)
+    assert record is not None
+    assert record.id == "b"
+    assert machine.claim_for_push(NOW, "two", lease_s=10) is None
+
+
+def test_an_ended_lease_returns_the_task_even_during_the_startup_grace() -> None:
+    machine = StateMachine()
+    ingest(machine, make_record("a"))
+    machine.claim_for_push(NOW, None, lease_s=10)
+    assert machine.tick(NOW + 5, deadline_resets=False).leases_ended == 0
+    result = machine.tick(NOW + 11, deadline_resets=False)
+    assert result.leases_ended == 1
+    record = machine.get(ActivationId("a"))
+    assert record is not None
+    assert (record.status, record.processing_attempts) == (Status.PENDING, 0)
+    assert not machine.push_acknowledged(ActivationId("a"), NOW + 12), "the lease is over"
+
+
+def test_a_result_for_a_claimed_task_concludes_it() -> None:
+    machine = StateMachine()
+    ingest(machine, make_record("a"))
+    machine.claim_for_push(NOW, None, lease_s=10)
+    assert machine.conclude(ActivationId("a"), Status.COMPLETE) is ConcludeOutcome.APPLIED
+    assert len(machine) == 0
+    assert not machine.push_acknowledged(ActivationId("a"), NOW)
+    assert machine.tick(NOW + 60).leases_ended == 0
+
+
+def test_claimed_tasks_count_against_the_processing_limit() -> None:
+    machine = StateMachine(Limits(max_processing_count=2))
+    ingest(machine, make_record("a"), make_record("b"))
+    machine.claim_for_push(NOW, None, lease_s=10)
+    assert not machine.ingest_should_pause
+    machine.claim(NOW)
+    assert machine.ingest_should_pause
+
+
+def test_restore_returns_claimed_rows_to_pending() -> None:
+    machine = StateMachine()
+    claimed = make_record("a", status=Status.CLAIMED, processing_deadline=NOW + 10)
+    machine.restore([claimed])
+    assert (claimed.status, claimed.processing_deadline) == (Status.PENDING, None)
+    assert machine.count(Status.CLAIMED) == 0
+    assert claimed_id(machine) == "a"
+    flush = machine.take_flush()
+    assert flush is not None
+    assert [(row.id, row.status) for row in flush.upserts] == [("a", Status.PROCESSING)]
+
+
 def test_limits_are_validated() -> None:
     with pytest.raises(ValueError, match="max_pending_count"):
         Limits(max_pending_count=0)

@@ -137,6 +137,57 @@ class StateMachineModel(RuleBasedStateMachine):
             assert expires_at <= self.now, "claim removed a live task"
 
     @rule(
+        application=st.sampled_from((None, *APPLICATIONS)), lease_s=st.sampled_from((1, 10))
+    )
+    def claim_for_push(self, application: str | None, lease_s: float) -> None:
+        eligible = [
+            r
+            for r in self.machine
+            if (
+                r.status is Status.PENDING
+                or (
+                    r.status is Status.DELAY
+                    and r.delay_until is not None
+                    and r.delay_until <= self.now
+                )
+            )
+            and (r.expires_at is None or r.expires_at > self.now)
+            and application in (None, r.application)
+        ]
+        attempts = {r.id: r.processing_attempts for r in self.machine}
+        record = self.machine.claim_for_push(self.now, application, lease_s)
+        if not eligible:
+            assert record is None
+            return
+        assert record is not None
+        assert record.added_at == min(r.added_at for r in eligible), "pushes go oldest first"
+        assert record.status is Status.CLAIMED
+        assert record.processing_deadline == self.now + lease_s
+        assert record.processing_attempts == attempts[record.id]
+
+    @rule(pick=st.integers(0, 1000), acknowledged=st.booleans())
+    def push_outcome(self, pick: int, acknowledged: bool) -> None:
+        claimed = sorted(r.id for r in self.machine if r.status is Status.CLAIMED)
+        if not claimed:
+            return
+        target = claimed[pick % len(claimed)]
+        record = self.machine.get(target)
+        assert record is not None
+        attempts = record.processing_attempts
+        if acknowledged:
+            assert self.machine.push_acknowledged(target, self.now)
+            assert record.status is Status.PROCESSING
+            grace_s = self.machine.limits.processing_deadline_grace_s
+            expected = self.now + record.processing_deadline_duration_s + grace_s
+            assert record.processing_deadline == expected
+        else:
+            assert self.machine.push_failed(target)
+            assert record.status is Status.PENDING
+            assert record.processing_deadline is None
+        assert record.processing_attempts == attempts, "a push outcome counted an attempt"
+        assert not self.machine.push_failed(target), "a push settled twice"
+
+    @rule(
         pick=st.integers(0, 1000),
         status=st.sampled_from((Status.COMPLETE, Status.RETRY, Status.FAILURE)),
         max_attempts=st.sampled_from((None, 1, 5)),
@@ -165,6 +216,16 @@ class StateMachineModel(RuleBasedStateMachine):
                 and record.processing_deadline <= self.now
             )
             assert expired or overdue, f"tick removed {record!r}"
+        for record in before.values():
+            lease_ended = (
+                record.status is Status.CLAIMED
+                and record.processing_deadline is not None
+                and record.processing_deadline <= self.now
+            )
+            now_record = self.machine.get(record.id)
+            if lease_ended and now_record is not None:
+                assert now_record.status is Status.PENDING, "an ended lease kept its claim"
+                assert now_record.processing_attempts == record.processing_attempts
         produce_ids = {order.id for order in result.to_produce}
         awaiting = {r.id for r in self.machine if r.status in (Status.RETRY, Status.FAILURE)}
         assert produce_ids == awaiting
@@ -225,8 +286,26 @@ class StateMachineModel(RuleBasedStateMachine):
         assert stored == live
         replica = StateMachine(self.machine.limits)
         replica.restore([copy.copy(r) for r in stored.values()])
-        assert replica.counts_by_status() == self.machine.counts_by_status()
-        assert replica.counts_by_group() == self.machine.counts_by_group()
+        # A restart returns claims whose pushes died with the process to pending.
+        assert replica.counts_by_status() == unclaimed(self.machine.counts_by_status())
+        assert replica.counts_by_group() == unclaimed_groups(self.machine.counts_by_group())
+
+
+def unclaimed(counts: dict[Status, int]) -> dict[Status, int]:
+    folded = dict(counts)
+    folded[Status.PENDING] += folded[Status.CLAIMED]
+    folded[Status.CLAIMED] = 0
+    return folded
+
+
+def unclaimed_groups(
+    counts: dict[tuple[str, str, Status], int],
+) -> dict[tuple[str, str, Status], int]:
+    folded: Counter[tuple[str, str, Status]] = Counter()
+    for (application, namespace, status), count in counts.items():
+        pending = Status.PENDING if status is Status.CLAIMED else status
+        folded[(application, namespace, pending)] += count
+    return dict(folded)
 
 
 TestStateMachineModel = StateMachineModel.TestCase

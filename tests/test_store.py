@@ -173,6 +173,7 @@ def test_counts_by_status_names_every_status(store: SqliteStore) -> None:
         Status.RETRY: 0,
         Status.COMPLETE: 0,
         Status.DELAY: 1,
+        Status.CLAIMED: 0,
     }
 
 
