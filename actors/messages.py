@@ -48,13 +48,6 @@ class Claim:
     namespace: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimBatch:
-    """Many claims in one mailbox message (ask); answered with one result per claim."""
-
-    claims: tuple[Claim, ...]
-
-
 class ConcludeOutcome(Enum):
     """What a worker's result did, for the caller's counters."""
 
@@ -85,13 +78,6 @@ class ConcludeResult:
 
 
 @dataclass(frozen=True, slots=True)
-class ConcludeBatch:
-    """Many conclusions in one mailbox message (ask); one `ConcludeResult` each."""
-
-    conclusions: tuple[Conclude, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class WorkBatch:
     """The claims and results of many worker calls in one mailbox message (ask).
 
@@ -105,6 +91,37 @@ class WorkBatch:
 
 WorkAnswer = bytes | None | ConcludeResult
 """What the state actor answers for one request of a `WorkBatch`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimForPush:
+    """The pusher has room for `count` more pushes to `application` (tell). The state
+    claims up to that many, each CLAIMED for `lease_s`, and tells `reply_to` one
+    `ClaimedForPush`, empty when nothing is pending."""
+
+    application: str
+    count: int
+    lease_s: float
+    reply_to: Recipient
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedForPush:
+    """Tasks claimed for pushes to `application`: (id, serialized TaskActivation), oldest
+    first."""
+
+    application: str
+    tasks: tuple[tuple[ActivationId, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PushesSettled(Essential):
+    """Workers acknowledged these pushes (PROCESSING from now), or refused them or could not
+    be reached (pending again). Essential: the pusher's rate is bounded by its pushes in
+    flight, and a lost settlement would leave tasks claimed until their leases end."""
+
+    acknowledged: tuple[ActivationId, ...] = ()
+    failed: tuple[ActivationId, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,9 @@ from typing import Protocol
 
 from actors.messages import (
     Claim,
-    ClaimBatch,
+    ClaimedForPush,
+    ClaimForPush,
     Conclude,
-    ConcludeBatch,
     ConcludeResult,
     Connect,
     Drain,
@@ -27,6 +27,7 @@ from actors.messages import (
     Ingest,
     IngestBackpressure,
     Produced,
+    PushesSettled,
     Recipient,
     Restore,
     StateStats,
@@ -35,6 +36,7 @@ from actors.messages import (
     TickResult,
     WorkBatch,
 )
+from actors.records import ActivationId
 from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, Ticker
 from actors.statemachine import Limits, StateMachine, first_claim_latency_s
 
@@ -113,14 +115,6 @@ class StateActor(BrokerActor):
                 )
                 self._after_change()
                 return answers
-            case ConcludeBatch(conclusions):
-                results = tuple(self._conclude(c) for c in conclusions)
-                self._after_change()
-                return results
-            case ClaimBatch(claims):
-                answers = tuple(self._claim(c) for c in claims)
-                self._after_change()
-                return answers
             case Conclude():
                 result = self._conclude(message)
                 self._after_change()
@@ -129,6 +123,13 @@ class StateActor(BrokerActor):
                 answer = self._claim(message)
                 self._after_change()
                 return answer
+            case ClaimForPush():
+                tasks = self._claim_for_push(message)
+                message.reply_to.tell(ClaimedForPush(message.application, tasks))
+                self._after_change()
+            case PushesSettled():
+                self._settle(message)
+                self._after_change()
             case Ingest(records, offsets):
                 machine.ingest(records, offsets, self._clock())
                 self._after_change()
@@ -178,6 +179,26 @@ class StateActor(BrokerActor):
         if latency_s is not None:
             self._claim_observer.first_claimed(record.namespace, record.taskname, latency_s)
         return record.activation
+
+    def _claim_for_push(self, ask: ClaimForPush) -> tuple[tuple[ActivationId, bytes], ...]:
+        now, machine = self._clock(), self._machine
+        tasks: list[tuple[ActivationId, bytes]] = []
+        while len(tasks) < ask.count:
+            record = machine.claim_for_push(now, ask.application, ask.lease_s)
+            if record is None:
+                break
+            tasks.append((record.id, record.activation))
+            latency_s = first_claim_latency_s(record, now)
+            if latency_s is not None:
+                self._claim_observer.first_claimed(record.namespace, record.taskname, latency_s)
+        return tuple(tasks)
+
+    def _settle(self, settled: PushesSettled) -> None:
+        now, machine = self._clock(), self._machine
+        for activation_id in settled.acknowledged:
+            machine.push_acknowledged(activation_id, now)
+        for activation_id in settled.failed:
+            machine.push_failed(activation_id)
 
     def _conclude(self, conclude: Conclude) -> ConcludeResult:
         outcome = self._machine.conclude(

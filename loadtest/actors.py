@@ -15,13 +15,12 @@ import pykka
 
 from actors.messages import (
     Claim,
-    ClaimBatch,
     Conclude,
-    ConcludeBatch,
     Connect,
     Flush,
     FlushDone,
     Ingest,
+    WorkBatch,
 )
 from actors.records import (
     ActivationId,
@@ -115,13 +114,13 @@ def actor_pairs_per_s(in_flight: int, pairs: int, threads: int, batch: int) -> f
         claim = Claim(application=APPLICATION)
         held: list[list[ActivationId]] = []
         for _ in range(threads):
-            claimed = state.ask(ClaimBatch((claim,) * batch), block=True, timeout=ASK_TIMEOUT_S)
+            claimed = state.ask(WorkBatch((claim,) * batch), block=True, timeout=ASK_TIMEOUT_S)
             held.append([id_of(activation) for activation in claimed])
         rounds = pairs // threads // batch
 
         def worker(mine: list[ActivationId]) -> None:
             for _ in range(rounds):
-                message = ConcludeBatch(
+                message = WorkBatch(
                     tuple(Conclude(i, Status.COMPLETE, fetch_next=claim) for i in mine)
                 )
                 results = state.ask(message, block=True, timeout=ASK_TIMEOUT_S)

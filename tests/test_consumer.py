@@ -34,7 +34,6 @@ from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.errors import ConfigError
 from actors.messages import (
     Claim,
-    ClaimBatch,
     Connect,
     ConsumerStats,
     ConsumerStatsQuery,
@@ -43,6 +42,7 @@ from actors.messages import (
     Ingest,
     StateStats,
     Stats,
+    WorkBatch,
 )
 from actors.producer import KafkaProducer, OutgoingMessage, ProducerConfig
 from actors.records import KafkaOffset, Offset, Partition, Status
@@ -480,7 +480,7 @@ def test_consumption_pauses_at_the_pending_limit_and_resumes_after_claims(
     deadline = time.monotonic() + JOIN_TIMEOUT_S  # each resume waits for a new fetch
     while claimed < total:
         assert time.monotonic() < deadline, f"only {claimed} of {total} claimed"
-        answers = ask(state, ClaimBatch((Claim(),) * 50))
+        answers = ask(state, WorkBatch((Claim(),) * 50))
         claimed += sum(answer is not None for answer in answers)
         time.sleep(0.01)
     wait_until(lambda: consumer_stats(consumer).paused == ())

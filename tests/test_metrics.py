@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import DuplicateTimeseries
 
 from actors.errors import MailboxFull
-from actors.messages import Claim, ClaimBatch, Flush, Ingest, StoreSizesQuery, TickResult
+from actors.messages import Claim, Flush, Ingest, StoreSizesQuery, TickResult, WorkBatch
 from actors.metrics import (
     TRANSITION_KINDS,
     ActorSnapshots,
@@ -272,7 +272,7 @@ def test_a_state_actors_first_claims_appear_on_the_metrics_page(
         make_record("b", namespace="ns", taskname="t", received_at=998.0),
     )
     state.tell(Ingest(records, (KafkaOffset(Partition(0), Offset(1)),)))
-    answers = state.ask(ClaimBatch((Claim(), Claim(), Claim())), block=True, timeout=TIMEOUT_S)
+    answers = state.ask(WorkBatch((Claim(), Claim(), Claim())), block=True, timeout=TIMEOUT_S)
     assert answers[2] is None
 
     page = generate_latest(registry).decode()

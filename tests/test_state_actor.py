@@ -13,9 +13,9 @@ import pytest
 
 from actors.messages import (
     Claim,
-    ClaimBatch,
+    ClaimedForPush,
+    ClaimForPush,
     Conclude,
-    ConcludeBatch,
     ConcludeOutcome,
     ConcludeResult,
     Connect,
@@ -25,10 +25,12 @@ from actors.messages import (
     FlushFailed,
     Ingest,
     IngestBackpressure,
+    PushesSettled,
     StateStats,
     Stats,
     Tick,
     TickResult,
+    WorkBatch,
 )
 from actors.records import ActivationId, KafkaOffset, Record, Status
 from actors.runtime import MailboxConfig
@@ -89,11 +91,11 @@ def test_claim_and_conclude_with_fetch_next() -> None:
 def test_batches_answer_one_result_per_item() -> None:
     state = start_state()
     ingest(state, make_record("a"), make_record("b"))
-    answers = ask(state, ClaimBatch((Claim(), Claim(), Claim())))
+    answers = ask(state, WorkBatch((Claim(), Claim(), Claim())))
     assert answers == (b"bytes-of-a", b"bytes-of-b", None)
     results = ask(
         state,
-        ConcludeBatch(
+        WorkBatch(
             (
                 Conclude(ActivationId("a"), Status.COMPLETE),
                 Conclude(ActivationId("zz"), Status.COMPLETE),
@@ -124,7 +126,7 @@ def test_first_claims_are_observed_once_on_every_claim_path() -> None:
         make_record("c", namespace="n1", taskname="t.c", received_at=1998.0),
     )
     assert ask(state, Claim(namespace="n1")) == b"bytes-of-a"
-    assert ask(state, ClaimBatch((Claim(namespace="n2"),))) == (b"bytes-of-b",)
+    assert ask(state, WorkBatch((Claim(namespace="n2"),))) == (b"bytes-of-b",)
     next_task = Claim(namespace="n1")
     result = ask(state, Conclude(ActivationId("b"), Status.COMPLETE, fetch_next=next_task))
     assert result.next_task == b"bytes-of-c"
@@ -133,7 +135,7 @@ def test_first_claims_are_observed_once_on_every_claim_path() -> None:
     # Past their deadlines a and c are pending again: claimed again, but not for the first time.
     now[0] = 2010.0
     assert ask(state, Tick(now=now[0])).deadline_resets == 2
-    answers = ask(state, ClaimBatch((Claim(), Claim(), Claim())))
+    answers = ask(state, WorkBatch((Claim(), Claim(), Claim())))
     assert sorted(a for a in answers if a is not None) == [b"bytes-of-a", b"bytes-of-c"]
     assert len(observer.seen) == 3
 
@@ -232,3 +234,20 @@ def test_claims_and_results_are_answered_while_a_slow_commit_is_in_progress(
     while not ask(state, Drain()):
         assert time.monotonic() < deadline + TIMEOUT_S, "the slow commits never finished"
         time.sleep(0.05)
+
+
+@pytest.mark.usefixtures("actors")
+def test_push_claims_go_to_the_pusher_and_settle_by_its_word() -> None:
+    state = start_state()
+    ingest(state, *(make_record(name, application="app") for name in ("a", "b", "c")))
+    pusher = Collector()
+    state.tell(ClaimForPush("app", 2, lease_s=30, reply_to=pusher))
+    (claimed,) = pusher.wait_for(ClaimedForPush)
+    assert claimed.application == "app"
+    assert claimed.tasks == (("a", b"bytes-of-a"), ("b", b"bytes-of-b"))
+
+    state.tell(PushesSettled(acknowledged=(ActivationId("a"),), failed=(ActivationId("b"),)))
+    stats = ask(state, Stats())
+    assert (stats.by_status[Status.PROCESSING], stats.by_status[Status.PENDING]) == (1, 2)
+    state.tell(ClaimForPush("other", 5, lease_s=30, reply_to=pusher))
+    assert pusher.wait_for(ClaimedForPush, 2)[1] == ClaimedForPush("other", ())
