@@ -40,6 +40,12 @@ METHODS = [
         False,
     ),
     (
+        f"/{TB}.WorkerService/PushTask",
+        f"{TB}.PushTaskRequest",
+        f"{TB}.PushTaskResponse",
+        False,
+    ),
+    (
         "/grpc.health.v1.Health/Check",
         "grpc.health.v1.HealthCheckRequest",
         "grpc.health.v1.HealthCheckResponse",
@@ -131,9 +137,11 @@ FIELDS = [
         "repeated",
         f"{TB}.SetTaskStatusRequest",
     ),
+    Field("PushTaskRequest", "task", 1, F.TYPE_MESSAGE, "singular", f"{TB}.TaskActivation"),
+    Field("PushTaskRequest", "callback_url", 2, F.TYPE_STRING, "singular", None),
 ]
 
-EMPTY_MESSAGES = ["SetBatchActivationStatusResponse"]
+EMPTY_MESSAGES = ["SetBatchActivationStatusResponse", "PushTaskResponse"]
 
 ENUMS = {
     "TaskActivationStatus": [
@@ -389,3 +397,8 @@ def test_the_batch_messages_have_exactly_their_fields() -> None:
         for name, message in batch_pb2.DESCRIPTOR.message_types_by_name.items()
     }
     assert declared == BATCH_FIELDS
+
+
+def test_the_push_callback_url_is_deprecated() -> None:
+    callback_url = _message("PushTaskRequest").fields_by_name["callback_url"]
+    assert callback_url.GetOptions().deprecated

@@ -134,3 +134,15 @@ class SetBatchActivationStatusRequest(_message.Message):
 class SetBatchActivationStatusResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class PushTaskRequest(_message.Message):
+    __slots__ = ("task", "callback_url")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
+    task: TaskActivation
+    callback_url: str
+    def __init__(self, task: _Optional[_Union[TaskActivation, _Mapping]] = ..., callback_url: _Optional[str] = ...) -> None: ...
+
+class PushTaskResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

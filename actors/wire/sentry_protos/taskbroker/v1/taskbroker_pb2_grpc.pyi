@@ -72,3 +72,16 @@ class ConsumerServiceServicer:
 def add_ConsumerServiceServicer_to_server(
     servicer: ConsumerServiceServicer, server: grpc.Server
 ) -> None: ...
+
+class WorkerServiceStub:
+    def __init__(self, channel: grpc.Channel) -> None: ...
+    PushTask: _UnaryUnary[_pb2.PushTaskRequest, _pb2.PushTaskResponse]
+
+class WorkerServiceServicer:
+    def PushTask(
+        self, request: _pb2.PushTaskRequest, context: grpc.ServicerContext
+    ) -> _pb2.PushTaskResponse: ...
+
+def add_WorkerServiceServicer_to_server(
+    servicer: WorkerServiceServicer, server: grpc.Server
+) -> None: ...
