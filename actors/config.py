@@ -32,6 +32,13 @@ class StoreMode(enum.StrEnum):
     """Every claim and result written to SQLite on the request path (for comparison)."""
 
 
+class DeliveryMode(enum.StrEnum):
+    PULL = "pull"
+    """Workers call GetTask / FetchTasks (the default)."""
+    PUSH = "push"
+    """The broker calls each worker's WorkerService/PushTask (taskbroker's push mode)."""
+
+
 class OffsetReset(enum.StrEnum):
     EARLIEST = "earliest"
     LATEST = "latest"
@@ -88,6 +95,42 @@ class StoreSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PushSettings:
+    """Push delivery (`delivery_mode = "push"`)."""
+
+    max_in_flight: int = 256
+    """PushTask calls outstanding at once, whole broker."""
+    timeout_ms: int = 30_000
+    """A PushTask call without an answer by then failed: the task goes back to pending."""
+    lease_ms: int = 60_000
+    """How long a task stays CLAIMED without its push settling before upkeep returns it to
+    pending (a pusher that died, a call stuck past its timeout). Longer than timeout_ms."""
+    backoff_ms: int = 200
+    """The first pause for an endpoint that was busy or unreachable; doubles up to
+    max_backoff_ms while it stays so."""
+    max_backoff_ms: int = 5_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_in_flight", "timeout_ms", "lease_ms", "backoff_ms", "max_backoff_ms"):
+            _at_least(name, getattr(self, name), 1)
+        if self.lease_ms <= self.timeout_ms:
+            raise ConfigError(
+                f"lease_ms ({self.lease_ms}) must be longer than timeout_ms ({self.timeout_ms})"
+            )
+        if self.max_backoff_ms < self.backoff_ms:
+            raise ConfigError("max_backoff_ms must be at least backoff_ms")
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSettings:
+    batch_length: int = 32
+    """Claims per ask to the state actor in push mode (taskbroker's `fetch.batch_length`)."""
+
+    def __post_init__(self) -> None:
+        _at_least("batch_length", self.batch_length, 1)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Every setting of one broker process."""
 
@@ -121,6 +164,12 @@ class Config:
     db_path: str = "./taskbroker-inflight.sqlite"
     store_mode: StoreMode = StoreMode.MEMORY
     store: StoreSettings = field(default_factory=StoreSettings)
+    delivery_mode: DeliveryMode = DeliveryMode.PULL
+    worker_map: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Push mode: application -> worker endpoints ("host:port"; several, or one DNS name
+    with several addresses, are spread by least outstanding pushes)."""
+    push: PushSettings = field(default_factory=PushSettings)
+    fetch: FetchSettings = field(default_factory=FetchSettings)
     batch: BatchLimits = field(default_factory=BatchLimits)
     """Limits of the batched worker API (`taskbroker_actors.v1.TaskBatchService`)."""
 
@@ -178,12 +227,30 @@ class Config:
         for name in ("kafka_topic", "kafka_deadletter_topic", "kafka_consumer_group", "db_path"):
             if not getattr(self, name):
                 raise ConfigError(f"{name}: must not be empty")
+        self._check_push()
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ConfigError(f"log_level: {self.log_level!r} is not a logging level")
 
     @property
     def retry_topic(self) -> str:
         return self.kafka_retry_topic or self.kafka_topic
+
+
+    def _check_push(self) -> None:
+        if self.delivery_mode is DeliveryMode.PUSH:
+            if not self.worker_map:
+                raise ConfigError(
+                    "worker_map: push delivery needs at least one application -> worker endpoint"
+                )
+            if self.store_mode is not StoreMode.MEMORY:
+                raise ConfigError("delivery_mode: push works with store_mode memory only")
+        for application, endpoints in self.worker_map.items():
+            if not endpoints:
+                raise ConfigError(f"worker_map.{application}: no endpoint")
+            for endpoint in endpoints:
+                host, _, port = endpoint.rpartition(":")
+                if not host or not port.isdigit():
+                    raise ConfigError(f"worker_map.{application}: {endpoint!r} is not host:port")
 
 
 def _at_least(name: str, value: int, minimum: int) -> None:
@@ -298,6 +365,11 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: {value!r} is not a string")
         return value
+    if typing.get_origin(kind) is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table of application = endpoints")
+        _, item_kind = typing.get_args(kind)
+        return {str(k): _coerce(f"{key}.{k}", item_kind, v) for k, v in value.items()}
     if typing.get_origin(kind) is tuple:
         if isinstance(value, str):
             value = [item.strip() for item in value.split(",") if item.strip()]
@@ -323,9 +395,12 @@ def to_toml(config: Config) -> str:
 
 
 def _emit(obj: Any, prefix: str, lines: list[str], tables: list[tuple[str, Any]]) -> None:
+    if isinstance(obj, dict):
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in obj.items())
+        return
     for item in dataclasses.fields(obj):
         value = getattr(obj, item.name)
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) or isinstance(value, dict):
             tables.append((f"{prefix}{item.name}", value))
             continue
         if item.name in SECRET_KEYS and value:

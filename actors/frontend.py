@@ -78,6 +78,9 @@ class FrontendConfig:
     """How long calls in progress may finish when the front end stops."""
     batch: BatchLimits = field(default_factory=BatchLimits)
     """Limits of the batched worker API (TaskBatchService)."""
+    pulls: bool = True
+    """False in push delivery: workers only report results; the broker hands tasks out
+    by pushing them."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -264,11 +267,14 @@ class GrpcFrontend(BrokerActor):
         server = grpc.aio.server(
             handlers=[
                 unary_handlers(
-                    SERVICE_NAME, ConsumerService(client).answers(), signature, observer
+                    SERVICE_NAME,
+                    ConsumerService(client, pulls=config.pulls).answers(),
+                    signature,
+                    observer,
                 ),
                 unary_handlers(
                     BATCH_SERVICE_NAME,
-                    TaskBatchService(client, config.batch).answers(),
+                    TaskBatchService(client, config.batch, pulls=config.pulls).answers(),
                     signature,
                     observer,
                 ),

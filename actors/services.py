@@ -47,6 +47,7 @@ REPORT_RESULTS: Final = "ReportResults"
 REPORT_AND_FETCH: Final = "ReportAndFetch"
 
 NO_PENDING_ACTIVATIONS: Final = "No pending activations"
+PUSH_MODE_REFUSAL: Final = "Cannot call while broker is in PUSH mode"
 
 # The statuses a worker may report; every other value of the wire enum is refused.
 _CONCLUSIONS: Final[dict[int, Status]] = {
@@ -155,10 +156,15 @@ def _authenticate(
 
 
 class ConsumerService:
-    """The three ConsumerService methods; each answer is a serialized response."""
+    """The three ConsumerService methods; each answer is a serialized response.
 
-    def __init__(self, state: StateClient) -> None:
+    In push delivery (`pulls=False`) workers only report: GetTask is PERMISSION_DENIED,
+    as taskbroker answers, and SetTaskStatus never hands out a task.
+    """
+
+    def __init__(self, state: StateClient, *, pulls: bool = True) -> None:
         self._state = state
+        self._pulls = pulls
 
     def __repr__(self) -> str:
         return f"<ConsumerService {self._state!r}>"
@@ -171,6 +177,7 @@ class ConsumerService:
         }
 
     async def get_task(self, request: bytes) -> bytes:
+        _refuse_pulls_unless(self._pulls)
         message = _parse(pb.GetTaskRequest, request)
         activation = await self._state.claim(_claim(message))
         if activation is None:
@@ -180,7 +187,7 @@ class ConsumerService:
     async def set_task_status(self, request: bytes) -> bytes:
         message = _parse(pb.SetTaskStatusRequest, request)
         conclude = _conclusion(message)
-        if message.HasField("fetch_next_task"):
+        if self._pulls and message.HasField("fetch_next_task"):
             conclude = _with_fetch_next(conclude, _claim(message.fetch_next_task))
         return get_task_response_bytes((await self._state.conclude(conclude)).next_task)
 
@@ -224,9 +231,10 @@ class TaskBatchService:
     next batch to the state actor with every other call's), however many tasks it moves.
     """
 
-    def __init__(self, state: StateClient, limits: BatchLimits) -> None:
+    def __init__(self, state: StateClient, limits: BatchLimits, *, pulls: bool = True) -> None:
         self._state = state
         self._limits = limits
+        self._pulls = pulls
 
     def __repr__(self) -> str:
         return f"<TaskBatchService {self._state!r} {self._limits}>"
@@ -239,6 +247,7 @@ class TaskBatchService:
         }
 
     async def fetch_tasks(self, request: bytes) -> bytes:
+        _refuse_pulls_unless(self._pulls)
         return await self._fetch((), _parse(batch_pb2.FetchTasksRequest, request))
 
     async def report_results(self, request: bytes) -> bytes:
@@ -249,6 +258,7 @@ class TaskBatchService:
         return b""  # ReportResultsResponse has no fields
 
     async def report_and_fetch(self, request: bytes) -> bytes:
+        _refuse_pulls_unless(self._pulls)
         message = _parse(batch_pb2.ReportAndFetchRequest, request)
         return await self._fetch(self._results(message.results), message.fetch)
 
@@ -280,6 +290,11 @@ class TaskBatchService:
 
 
 # --- Requests into messages -------------------------------------------------------------------
+
+
+def _refuse_pulls_unless(pulls: bool) -> None:
+    if not pulls:
+        raise RequestRefused(grpc.StatusCode.PERMISSION_DENIED, PUSH_MODE_REFUSAL)
 
 
 def _parse(message_type: Any, request: bytes) -> Any:

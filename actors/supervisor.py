@@ -25,7 +25,7 @@ from typing import Any
 import pykka
 import pykka.debug
 
-from actors.config import Config, StoreMode
+from actors.config import Config, DeliveryMode, StoreMode
 from actors.consumer import BatchLimits, ConsumerConfig, KafkaConsumer
 from actors.direct import DirectStore, SqliteDirectState, SqliteDirectStateClient
 from actors.embedded_kafka import EmbeddedKafka, TopicSpec
@@ -288,6 +288,7 @@ class Supervisor:
                 state_ask_timeout_ms=config.grpc_state_ask_timeout_ms,
                 min_batch_interval_ms=config.grpc_batch_interval_ms,
                 batch=config.batch,
+                pulls=config.delivery_mode is DeliveryMode.PULL,
                 shared_secrets=config.grpc_shared_secret,
                 stop_grace_s=config.grpc_shutdown_grace_ms / 1000,
             ),

@@ -71,6 +71,7 @@ def broker_starter() -> Iterator[StartBroker]:
         state_mailbox: MailboxConfig | None = None,
         state_config: StateConfig | None = None,
         batch_limits: BatchLimits | None = None,
+        pulls: bool = True,
     ) -> Broker:
         state = StateActor.start(
             state_config or StateConfig(), state_mailbox or MailboxConfig(size=1000)
@@ -83,6 +84,7 @@ def broker_starter() -> Iterator[StartBroker]:
             state_ask_timeout_ms=state_ask_timeout_ms,
             max_batch=max_batch,
             batch=batch_limits or BatchLimits(),
+            pulls=pulls,
             stop_grace_s=1.0,
         )
         frontend = GrpcFrontend.start(config, state)

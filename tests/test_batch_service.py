@@ -343,3 +343,28 @@ def test_unary_and_batch_workers_share_a_broker_and_each_task_ends_once(broker: 
 def _stop_actors() -> Iterator[None]:
     yield
     pykka.ActorRegistry.stop_all(timeout=TIMEOUT_S)
+
+
+# --- Push delivery: workers only report -------------------------------------------------------
+
+
+def test_in_push_mode_workers_report_but_cannot_pull(start_broker: StartBroker) -> None:
+    broker = start_broker(pulls=False)
+    broker.ingest(activation_record("a"), activation_record("b"))
+    refused = "Cannot call while broker is in PUSH mode"
+    for call in (
+        lambda: broker.stub.GetTask(pb.GetTaskRequest(), timeout=TIMEOUT_S),
+        lambda: fetch(broker),
+        lambda: stub_of(broker).ReportAndFetch(bpb.ReportAndFetchRequest(), timeout=TIMEOUT_S),
+    ):
+        error = rpc_error(call)
+        assert (error.code(), error.details()) == (grpc.StatusCode.PERMISSION_DENIED, refused)
+    assert by_status(broker) == {Status.PENDING: 2}
+    response = broker.stub.SetTaskStatus(
+        pb.SetTaskStatusRequest(id="a", status=COMPLETE, fetch_next_task=pb.FetchNextTask()),
+        timeout=TIMEOUT_S,
+    )
+    assert not response.HasField("task"), "SetTaskStatus never hands out a task in push mode"
+    report(broker, result("b"))
+    assert broker.ask_state(Stats()).conclusions == {"late": 2}  # pending, never pulled
+    assert by_status(broker) == {}

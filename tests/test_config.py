@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from actors import config
-from actors.config import Config, OffsetReset, StoreMode
+from actors.config import Config, DeliveryMode, OffsetReset, StoreMode
 from actors.errors import ConfigError
 from actors.runtime import MailboxPolicy
 
@@ -83,6 +83,16 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
         ({"mailbox.state.policy": "drop_newest"}, "mailbox.state.policy: drop_newest could lose"),
         ({"mailbox.writer.policy": "drop_oldest"}, "mailbox.writer.policy: drop_oldest could lose"),
         ({"batch.max_fetch": 0}, "batch.max_fetch must be at least 1"),
+        ({"delivery_mode": "push"}, "worker_map: push delivery needs at least one"),
+        ({"delivery_mode": "teleport"}, "delivery_mode: 'teleport' is not one of pull, push"),
+        (
+            {"delivery_mode": "push", "worker_map.s": "w:1", "store_mode": "sqlite-direct"},
+            "delivery_mode: push works with store_mode memory only",
+        ),
+        ({"worker_map.sentry": "nohost"}, "worker_map.sentry: 'nohost' is not host:port"),
+        ({"worker_map": 3}, "worker_map: expected a table"),
+        ({"push.lease_ms": 1000}, "push.lease_ms \\(1000\\) must be longer than timeout_ms"),
+        ({"fetch.batch_length": 0}, "fetch.batch_length: must be at least 1"),
         ({"batch.max_wait_ms": -1}, "batch.max_wait_ms must not be negative"),
         ({"grpc_batch_interval_ms": -1}, "grpc_batch_interval_ms: must be at least 0"),
     ],
@@ -112,3 +122,16 @@ def test_effective_config_prints_as_toml_with_secrets_masked() -> None:
     flat = {k: v for k, v in parsed.items() if not isinstance(v, dict)}
     reloaded = config.load(overrides=flat | {"mailbox.state.size": 9})
     assert reloaded == loaded
+
+
+def test_worker_map_from_a_file_and_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "push.toml"
+    path.write_text('delivery_mode = "push"\n[worker_map]\nsentry = "127.0.0.1:50052"\n')
+    loaded = config.load(path, env={"TASKBROKER_WORKER_MAP__BILLING": "w1:50052,w2:50052"})
+    assert loaded.delivery_mode is DeliveryMode.PUSH
+    assert loaded.worker_map == {
+        "sentry": ("127.0.0.1:50052",),
+        "billing": ("w1:50052", "w2:50052"),
+    }
+    shown = config.to_toml(loaded)
+    assert '[worker_map]\nsentry = ["127.0.0.1:50052"]' in shown
