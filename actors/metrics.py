@@ -3,7 +3,8 @@
 Two kinds of source feed them:
 
 - Observers, called by the actors as things happen (`MailboxMetrics`, `FrontendMetrics`,
-  `UpkeepMetrics`, `WriterMetrics`, `FirstClaimMetrics`): histograms and counters of events.
+  `UpkeepMetrics`, `WriterMetrics`, `PusherMetrics`, `FirstClaimMetrics`): histograms and
+  counters of events.
 - `BrokerCollector`, read at scrape time: mailbox counters straight from each mailbox
   (no message needed), and the values that live inside actors (state counts, consumer
   counters, store sizes) from `ActorSnapshots`, which asks the actors on its own thread.
@@ -21,7 +22,7 @@ import logging
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, Final, Generic, TypeVar
@@ -277,6 +278,92 @@ class WriterMetrics:
         self._failures.inc()
 
 
+class PusherMetrics:
+    """The `PushObserver`: pushes by endpoint and result code, their latency, pushes in
+    flight and backoffs per endpoint, claim asks, and pending activations of applications
+    missing from worker_map. Endpoints and applications come from the configuration, so the
+    label sets are bounded by it. CLAIMED (pushed, not yet acknowledged) activations are
+    `taskbroker_state_activations{status="claimed"}`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._pushes = Counter(
+            f"{PREFIX}pushes",
+            "PushTask calls answered or failed, by worker endpoint and gRPC status code "
+            "(OK acknowledged; RESOURCE_EXHAUSTED worker busy; UNAVAILABLE and "
+            "DEADLINE_EXCEEDED unreachable or too slow).",
+            ("endpoint", "code"),
+            registry=registry,
+        )
+        self._latency = Histogram(
+            f"{PREFIX}push_duration_seconds",
+            "Time from a PushTask call's start to its answer or failure, by endpoint and code.",
+            ("endpoint", "code"),
+            registry=registry,
+            buckets=(*_REQUEST_BUCKETS, 30.0, 60.0),
+        )
+        self._in_flight = Gauge(
+            f"{PREFIX}push_in_flight",
+            "PushTask calls outstanding now, by worker endpoint.",
+            ("endpoint",),
+            registry=registry,
+        )
+        self._backoffs = Counter(
+            f"{PREFIX}push_backoffs",
+            "Times a worker endpoint was backed off after a failed push (each rest, not "
+            "each failed push).",
+            ("endpoint",),
+            registry=registry,
+        )
+        self._asks = Counter(
+            f"{PREFIX}push_claim_asks",
+            "ClaimForPush asks answered by the state, by application and result: tasks "
+            "(some claimed) or empty (nothing pending; the application rests).",
+            ("application", "result"),
+            registry=registry,
+        )
+        self._unmapped = Gauge(
+            f"{PREFIX}push_unmapped_pending_activations",
+            "Pending activations of an application that has no worker_map entry: they wait "
+            "for one. Read from the state every few seconds.",
+            ("application",),
+            registry=registry,
+        )
+        # labels() takes a lock and builds a key; these run on every push.
+        self._finished_by: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._in_flight_by: dict[str, Any] = {}
+
+    def push_started(self, endpoint: str) -> None:
+        self._in_flight_of(endpoint).inc()
+
+    def pushed(self, endpoint: str, code: grpc.StatusCode, seconds: float) -> None:
+        self._in_flight_of(endpoint).dec()
+        key = (endpoint, code.name)
+        children = self._finished_by.get(key)
+        if children is None:
+            children = self._finished_by[key] = (
+                self._pushes.labels(*key),
+                self._latency.labels(*key),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def backed_off(self, endpoint: str) -> None:
+        self._backoffs.labels(endpoint).inc()
+
+    def claim_answered(self, application: str, tasks: int) -> None:
+        self._asks.labels(application, "tasks" if tasks else "empty").inc()
+
+    def unmapped_pending(self, counts: Mapping[str, int]) -> None:
+        for application, count in counts.items():
+            self._unmapped.labels(application).set(count)
+
+    def _in_flight_of(self, endpoint: str) -> Any:
+        child = self._in_flight_by.get(endpoint)
+        if child is None:
+            child = self._in_flight_by[endpoint] = self._in_flight.labels(endpoint)
+        return child
+
+
 class _LatencySeries:
     """One label pair's observations: a count per bucket (the last: above every bound)."""
 
@@ -379,6 +466,7 @@ class Metrics:
         self.frontend = FrontendMetrics(registry)
         self.upkeep = UpkeepMetrics(registry)
         self.writer = WriterMetrics(registry)
+        self.pusher = PusherMetrics(registry)
 
 
 # --- snapshots of what lives inside actors -----------------------------------------------------
