@@ -67,6 +67,9 @@ class Mailboxes:
     consumer: MailboxSettings = field(default_factory=lambda: MailboxSettings(size=1_000))
     upkeep: MailboxSettings = field(default_factory=lambda: MailboxSettings(size=100))
     frontend: MailboxSettings = field(default_factory=lambda: MailboxSettings(size=100))
+    pusher: MailboxSettings = field(default_factory=lambda: MailboxSettings(size=100))
+    """Push mode only. It takes only its stop: the state's answers reach its event loop
+    directly."""
 
     def __post_init__(self) -> None:
         # A drop is silent to a teller: a dropped Ingest would let later offsets commit past

@@ -1,9 +1,11 @@
 """The supervisor: builds every actor from the configuration, starts them in dependency order,
 watches them, and stops them in reverse order on SIGTERM/SIGINT.
 
-Start: (embedded Kafka) → state → writer → restore → upkeep → consumer → gRPC → ready.
-Stop: not ready → gRPC (with a grace) → upkeep → consumer stops consuming → the state's last
-flush, committed by the writer → consumer commits the durable offsets → state → writer.
+Start: (embedded Kafka) → state → writer → restore → upkeep → (pusher, in push mode) →
+consumer → gRPC → ready.
+Stop: not ready → pusher (its unacknowledged tasks back to pending) → gRPC (with a grace) →
+upkeep → consumer stops consuming → the state's last flush, committed by the writer →
+consumer commits the durable offsets → state → writer.
 
 An actor that dies on its own is logged with its error and the process exits non-zero: a
 half-alive broker is worse than a restart, and the durability contract makes a restart safe.
@@ -35,6 +37,7 @@ from actors.messages import Connect, Drain, LoadAndRestore, StopConsuming
 from actors.metrics import FirstClaimMetrics
 from actors.ops_http import OpsEndpoint
 from actors.producer import KafkaProducer, ProducerConfig
+from actors.pusher import Pusher, PusherConfig
 from actors.runtime import ask
 from actors.state import StateActor, StateConfig
 from actors.state_client import BlockingStateClient
@@ -246,6 +249,26 @@ class Supervisor:
         )
         broker.actors.append(("upkeep", upkeep_actor))
 
+        if config.delivery_mode is DeliveryMode.PUSH:
+            # Before the consumer: restored pending tasks are pushed while ingest starts.
+            pusher = Pusher.start(
+                PusherConfig(
+                    worker_map=config.worker_map,
+                    max_in_flight=config.push.max_in_flight,
+                    batch_length=config.fetch.batch_length,
+                    timeout_ms=config.push.timeout_ms,
+                    lease_ms=config.push.lease_ms,
+                    backoff_ms=config.push.backoff_ms,
+                    max_backoff_ms=config.push.max_backoff_ms,
+                    shared_secrets=config.grpc_shared_secret,
+                ),
+                state,
+                mailboxes.pusher.to_runtime(),
+                observer=metrics.pusher,
+                mailbox_observer=metrics.mailbox,
+            )
+            broker.actors.append(("pusher", pusher))
+
         consuming = threading.Event()
         consumer = KafkaConsumer.start(
             ConsumerConfig(
@@ -342,7 +365,9 @@ class Supervisor:
             broker.health.set_ready(False)
             broker.health.stop()
         refs = dict(broker.actors)
-        for name in ("frontend", "upkeep"):
+        # The pusher first: it stops claiming and tells the state which pushes were never
+        # acknowledged, while the front end still takes the results of those that were.
+        for name in ("pusher", "frontend", "upkeep"):
             _stop_actor(name, refs.get(name), deadline)
         if "consumer" in refs:
             _best_effort(

@@ -5,29 +5,38 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pykka
 import pytest
 from prometheus_client import CollectorRegistry
 
+from actors import config
+from actors.activation import encode_activation
 from actors.auth import SignatureCheck
-from actors.embedded_kafka import free_port
+from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.messages import Ingest, StateStats, Stats, Tick, TickResult
 from actors.metrics import PusherMetrics
+from actors.producer import KafkaProducer, OutgoingMessage, ProducerConfig
 from actors.push_policy import Ask, PushLimits, PushPolicy
 from actors.pusher import PUSH_TASK_PATH, Pusher, PusherConfig, channel_target
 from actors.records import KafkaOffset, Record, Status
 from actors.runtime import MailboxConfig, MailboxPolicy
 from actors.state import StateActor, StateConfig
+from actors.supervisor import Supervisor
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from tests.grpc_support import StartBroker, activation_record
+
+if TYPE_CHECKING:
+    from tests.conftest import TopicFactory
 
 TIMEOUT_S = 5.0
 WORKER_SERVICE = "sentry_protos.taskbroker.v1.WorkerService"
@@ -575,3 +584,75 @@ def test_pusher_metrics_count_pushes_latency_in_flight_backoffs_and_claim_asks(
     assert value("push_duration_seconds_count", endpoint=endpoint, code="OK") == 1
     assert value("push_claim_asks_total", application="app", result="tasks") >= 1
     wait_until(lambda: value("push_in_flight", endpoint=endpoint) == 0, "nothing in flight")
+
+
+# --- wired by the supervisor ---------------------------------------------------------------------
+
+
+@pytest.mark.kafka
+def test_a_push_mode_broker_pushes_what_it_consumes_and_stops_with_the_unacknowledged_pending(
+    kafka: EmbeddedKafka,
+    kafka_topics: TopicFactory,
+    tmp_path: Path,
+    workers: Callable[..., FakeWorker],
+) -> None:
+    worker = workers()
+    topic, dlq = kafka_topics()
+    db = tmp_path / "push.sqlite"
+    supervisor = Supervisor(
+        config.load(
+            overrides={
+                "kafka_cluster": kafka.bootstrap,
+                "kafka_topic": topic,
+                "kafka_deadletter_topic": dlq,
+                "kafka_consumer_group": f"group-{topic}",
+                "grpc_addr": "127.0.0.1",
+                "grpc_port": 0,
+                "metrics_port": 0,
+                "db_path": str(db),
+                "delivery_mode": "push",
+                "worker_map": {"app": [worker.endpoint]},
+                "push.timeout_ms": 500,
+                "kafka_auto_offset_reset": "earliest",
+            }
+        )
+    )
+    broker = supervisor.start()
+    try:
+        assert [name for name, _ in broker.actors] == [
+            "state",
+            "writer",
+            "upkeep",
+            "pusher",
+            "consumer",
+            "frontend",
+        ]
+        produce(kafka, topic, ids("a", 3))
+        wait_until(lambda: sorted(worker.accepted) == ids("a", 3), "pushed", timeout_s=30)
+        worker.hold()
+        produce(kafka, topic, ids("h", 2))
+        wait_until(lambda: worker.held == 2, "two pushes in flight", timeout_s=30)
+    finally:
+        supervisor.stop(broker)
+
+    with sqlite3.connect(db) as connection:
+        stored = dict(connection.execute("SELECT id, status FROM activations").fetchall())
+    assert stored == {
+        **dict.fromkeys(ids("a", 3), Status.PROCESSING.value),
+        **dict.fromkeys(ids("h", 2), Status.PENDING.value),
+    }
+
+
+def produce(kafka: EmbeddedKafka, topic: str, activation_ids: list[str]) -> None:
+    producer = KafkaProducer(ProducerConfig(bootstrap_servers=kafka.bootstrap))
+    try:
+        report = producer.produce_many(
+            [
+                OutgoingMessage(i, topic, encode_activation(activation_id=i, application="app"))
+                for i in activation_ids
+            ],
+            timeout_s=TIMEOUT_S,
+        )
+    finally:
+        producer.close(timeout_s=TIMEOUT_S)
+    assert report.all_acknowledged, report.failed
