@@ -11,15 +11,22 @@ Run with `python -m loadtest compare [--quick] [--json PATH]`. For each store mo
    broker per delay; the 0 ms point is the 256-worker phase of 1., the same settings);
 4. restore: the time from a file of 100,000 records to a broker state that serves them
    (memory: the writer's LoadAndRestore into the state actor; sqlite-direct: opening the
-   store and counting its rows, since the rows are its state).
+   store and counting its rows, since the rows are its state);
+5. the worker protocol at 256 workers: unary (the phase of 1.) and batch (TaskBatchService,
+   32 tasks per coroutine, a broker of its own so that its mailbox high-water marks are its
+   own).
 
 The JSON is `{"memory": M, "sqlite-direct": M}` with M = `{"by_workers": {"32": R, ...},
-"p99_ms_no_delay", "p99_ms_commit_delay", "restore_100k_s"}` and R = `{"tasks_per_s",
-"p50_ms", "p99_ms", "cpu_us_per_task", "errors", "lost", "duplicates"}` (cpu_us_per_task:
-the broker process's CPU per completed task), plus `"commit_latency_sweep": {"0":
-{"memory": R, "sqlite-direct": R}, "2": {...}, "10": {...}}`. The run also writes
-`loadtest/results/<date>/`: that JSON, every phase's full numbers, and the report
-(PNG plots and one HTML page).
+"by_protocol": {"unary": R, "batch": R}, "p99_ms_no_delay", "p99_ms_commit_delay",
+"restore_100k_s"}` and R = `{"protocol", "tasks_per_s", "p50_ms", "p99_ms",
+"cpu_us_per_task", "state_high_water", "state_wait_p99_ms", "errors", "lost",
+"duplicates"}` (p50/p99: task latency, the latency of the call that carried each result, so
+that protocols compare; cpu_us_per_task: the broker process's CPU per completed task; the
+state actor's mailbox high-water mark since its broker started, and its messages' time in
+the mailbox, p99, during the phase; both None without the broker's metrics), plus
+`"commit_latency_sweep": {"0": {"memory": R, "sqlite-direct": R}, "2": {...}, "10":
+{...}}`. The run also writes `loadtest/results/<date>/`: that JSON, every phase's full
+numbers, and the report (PNG plots and one HTML page).
 """
 
 from __future__ import annotations
@@ -46,12 +53,14 @@ from actors.state import StateActor, StateConfig
 from actors.statemachine import Limits
 from actors.store import SqliteStore
 from actors.writer import SqliteWriter, WriterConfig
-from loadtest.e2e import BrokerSetup, Phase, session, summary_line
+from loadtest.batch_workers import BatchWorkers
+from loadtest.e2e import STATE_ACTOR, BrokerSetup, Phase, session, summary_line
 from loadtest.report import machine
 
 MODES = ("memory", "sqlite-direct")
 WORKER_COUNTS = (32, 256, 768)
 DELAY_WORKERS = 256
+PROTOCOL_WORKERS = 256
 COMMIT_DELAY_MS = 200
 SWEEP = "commit_latency_sweep"
 SWEEP_DELAYS_MS = (0, 2, 10)
@@ -98,11 +107,15 @@ QUICK = Plan(
 
 def phase_row(phase: dict[str, Any]) -> dict[str, Any]:
     """A phase's full result as a row of compare's JSON (R in the module docstring)."""
+    state = phase.get("mailboxes", {}).get(STATE_ACTOR, {})
     return {
+        "protocol": phase["protocol"],
         "tasks_per_s": phase["tasks_per_s"],
-        "p50_ms": phase["latency_ms"]["p50"],
-        "p99_ms": phase["latency_ms"]["p99"],
+        "p50_ms": phase["task_latency_ms"]["p50"],
+        "p99_ms": phase["task_latency_ms"]["p99"],
         "cpu_us_per_task": phase["broker"]["cpu_us_per_task"],
+        "state_high_water": state.get("high_water"),
+        "state_wait_p99_ms": state.get("wait_p99_ms"),
         "errors": phase["errors"],
         "lost": phase["lost"],
         "duplicates": phase["duplicates"],
@@ -116,7 +129,10 @@ def measure_mode(
     phases: list[dict[str, Any]] = []
     base = Phase(processes=plan.processes, param_bytes=plan.param_bytes, tasks=plan.tasks)
     setup = BrokerSetup(
-        store_mode=mode, max_tasks=max(plan.tasks, plan.delay_tasks), max_workers=WORKER_COUNTS[-1]
+        store_mode=mode,
+        max_tasks=max(plan.tasks, plan.delay_tasks),
+        max_workers=WORKER_COUNTS[-1],
+        metrics_port=free_port(),
     )
     by_workers: dict[str, dict[str, Any]] = {}
     with session(setup, bootstrap=bootstrap) as under_test:
@@ -127,15 +143,21 @@ def measure_mode(
             phases.append(phase)
             by_workers[str(workers)] = phase_row(phase)
     no_delay = next(p for p in phases if p["workers"] == DELAY_WORKERS)
+    unary = next(p for p in phases if p["workers"] == PROTOCOL_WORKERS)
+    batch = _own_broker_phase(
+        setup,
+        replace(base, workers=PROTOCOL_WORKERS, max_seconds=plan.max_seconds, kind=BatchWorkers()),
+        bootstrap,
+    )
+    phases.append(batch)
     delayed = replace(base, workers=DELAY_WORKERS, max_seconds=plan.sweep_max_seconds)
     phases += [
-        _delayed_phase(setup, delay_ms, delayed, bootstrap)
+        _own_broker_phase(replace(setup, commit_delay_ms=delay_ms), delayed, bootstrap)
         for delay_ms in SWEEP_DELAYS_MS
         if delay_ms
     ]
-    with_delay = _delayed_phase(
-        setup,
-        COMMIT_DELAY_MS,
+    with_delay = _own_broker_phase(
+        replace(setup, commit_delay_ms=COMMIT_DELAY_MS),
         replace(delayed, tasks=plan.delay_tasks, max_seconds=plan.delay_max_seconds),
         bootstrap,
     )
@@ -145,31 +167,34 @@ def measure_mode(
     )
     summary = {
         "by_workers": by_workers,
-        "p99_ms_no_delay": no_delay["latency_ms"]["p99"],
-        "p99_ms_commit_delay": with_delay["latency_ms"]["p99"],
+        "by_protocol": {phase["protocol"]: phase_row(phase) for phase in (unary, batch)},
+        "p99_ms_no_delay": no_delay["task_latency_ms"]["p99"],
+        "p99_ms_commit_delay": with_delay["task_latency_ms"]["p99"],
         "restore_100k_s": round(restore_s, 3),
     }
     return summary, phases
 
 
-def _delayed_phase(
-    setup: BrokerSetup, delay_ms: int, phase: Phase, bootstrap: str
-) -> dict[str, Any]:
-    """One phase against a broker of its own, started with `delay_ms` before every commit."""
-    _say(f"{setup.store_mode}: {phase.workers} workers, {delay_ms} ms commit delay")
-    with session(replace(setup, commit_delay_ms=delay_ms), bootstrap=bootstrap) as delayed:
-        result = delayed.run(phase)
+def _own_broker_phase(setup: BrokerSetup, phase: Phase, bootstrap: str) -> dict[str, Any]:
+    """One phase against a broker of its own, with metrics on a port of its own."""
+    _say(
+        f"{setup.store_mode}: {phase.workers} {phase.kind.name} workers, "
+        f"{setup.commit_delay_ms} ms commit delay"
+    )
+    with session(replace(setup, metrics_port=free_port()), bootstrap=bootstrap) as own:
+        result = own.run(phase)
     _say(summary_line(result))
     return result
 
 
 def sweep_summary(phases: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """The commit-latency sweep, `{delay_ms: {mode: row}}`, from every phase's full result:
-    those at DELAY_WORKERS workers with a delay of SWEEP_DELAYS_MS."""
+    the unary ones at DELAY_WORKERS workers with a delay of SWEEP_DELAYS_MS."""
     sweep: dict[str, dict[str, dict[str, Any]]] = {str(d): {} for d in SWEEP_DELAYS_MS}
     for phase in phases:
         delay = str(phase["commit_delay_ms"])
-        if phase["workers"] == DELAY_WORKERS and delay in sweep:
+        unary = phase["protocol"] == "unary"
+        if unary and phase["workers"] == DELAY_WORKERS and delay in sweep:
             sweep[delay][phase["store_mode"]] = phase_row(phase)
     return sweep
 
@@ -272,6 +297,14 @@ def _cell(row: dict[str, Any]) -> str:
     )
 
 
+def _state_cell(row: dict[str, Any]) -> str:
+    high_water, wait_ms = row["state_high_water"], row["state_wait_p99_ms"]
+    return (
+        f"state mailbox: high water {'-' if high_water is None else high_water:>5}, "
+        f"p99 {'-' if wait_ms is None else f'{wait_ms:.1f}':>5} ms"
+    )
+
+
 def print_table(results: dict[str, Any]) -> None:
     modes = by_mode(results)
     width = 42
@@ -281,6 +314,11 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"{f'{workers} workers':20}" + "".join(f"{c:>{width}}" for c in cells))
     for key in ("p99_ms_no_delay", "p99_ms_commit_delay", "restore_100k_s"):
         print(f"{key:20}" + "".join(f"{summary[key]:>{width},.3f}" for summary in modes.values()))
+    print(f"worker protocol at {PROTOCOL_WORKERS} workers (p50, p99: task latency in ms)")
+    for protocol in ("unary", "batch"):
+        rows = [summary["by_protocol"][protocol] for summary in modes.values()]
+        print(f"{protocol:20}" + "".join(f"{_cell(row):>{width}}" for row in rows))
+        print(f"{'':20}" + "".join(f"{_state_cell(row):>{width}}" for row in rows))
     print(f"commit-latency sweep at {DELAY_WORKERS} workers (cpu: broker µs per task)")
     for delay, rows in results[SWEEP].items():
         cells = [_cell(rows[mode]) if mode in rows else "-" for mode in modes]

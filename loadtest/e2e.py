@@ -1,12 +1,23 @@
 """End-to-end load test: Kafka → broker → simulated workers, until every task is complete.
 
-Run with `python -m loadtest e2e --store-mode memory --workers 256 --tasks 20000`. It starts
-the embedded Kafka and a `taskbroker run` process (or uses `--target` and `--kafka` that
-already run), produces the tasks, runs the workers, and reports tasks/s, per-RPC latency
-percentiles, errors by status code, lost and duplicated activations, and the broker's CPU
-(in all, and in µs per completed task) and memory. Everything it started is stopped in
-`finally` blocks; the broker runs in its own process group so that nothing of it outlives
-the run.
+Run with `python -m loadtest e2e --store-mode memory --workers 256 --tasks 20000
+[--protocol batch --batch 32] [--backlog]`. It starts the embedded Kafka and a `taskbroker
+run` process (or uses `--target` and `--kafka` that already run), produces the tasks, runs
+the workers, and reports tasks/s, task and per-RPC latency percentiles, errors by status
+code, lost and duplicated activations, the broker's CPU (in all, and in µs per completed
+task) and memory, and the CPU of Kafka and of the worker processes (the three share the
+machine). Everything it started is stopped in `finally` blocks; the broker runs in its own
+process group so that nothing of it outlives the run.
+
+The workers start once every task is produced (acknowledged by Kafka), while the broker is
+still ingesting them; with `--backlog` they start only once the broker holds every task as
+pending and has flushed it: a drain of a backlog, with no ingest during the measurement.
+
+With the broker's metrics on (a free port on 127.0.0.1 for a broker started here), each
+phase also reports every actor's mailbox: its high-water mark, which the broker keeps
+since it started (so it is read at the phase end and covers the earlier phases of the same
+broker), and the time its messages spent in the mailbox during the phase, p50/p99
+estimated from the histogram's buckets scraped before and after the phase.
 """
 
 from __future__ import annotations
@@ -20,22 +31,33 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
+from prometheus_client.parser import text_string_to_metric_families
 
 from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
+from loadtest.batch_workers import DEFAULT_BATCH, DEFAULT_WAIT_MS, BatchWorkers
 from loadtest.producer import TaskSpec, produce_tasks, task_ids
 from loadtest.report import machine
-from loadtest.workers import Progress, WorkerReport, complete_tasks, run_workers
+from loadtest.workers import (
+    Progress,
+    UnaryWorkers,
+    WorkerKind,
+    WorkerReport,
+    complete_tasks,
+    coroutines_per_process,
+    run_workers,
+)
 
 _HOST = "127.0.0.1"
 _READY_TIMEOUT_S = 90.0
@@ -73,10 +95,20 @@ class Phase:
     work_ms: float = 0.0
     param_bytes: int = 512
     max_seconds: float = 120.0
+    kind: WorkerKind = field(default_factory=UnaryWorkers)
+    """The worker protocol; `workers` counts the tasks its coroutines hold at once."""
+    backlog: bool = False
+    """Start the workers once the broker has ingested and flushed every task."""
+
+    @property
+    def worker_processes(self) -> int:
+        """No more processes than coroutines, so that every process has a full share."""
+        return min(self.processes, math.ceil(self.workers / self.kind.batch))
 
     @property
     def threads_per_process(self) -> int:
-        return math.ceil(self.workers / self.processes)
+        """Coroutines per worker process."""
+        return coroutines_per_process(self.kind, self.workers, self.worker_processes)
 
 
 _DEFAULT = Phase()
@@ -211,6 +243,93 @@ def memory_mb(pid: int) -> dict[str, float]:
     return {"rss_mb": round(values["VmRSS"], 1), "rss_peak_mb": round(values["VmHWM"], 1)}
 
 
+# --- the broker's /metrics ---------------------------------------------------------------------
+
+STATE_ACTOR = "state"
+"""The actor every claim and result goes through: the first to look at for the limit."""
+MAILBOX_WAIT = "taskbroker_mailbox_wait_seconds"
+MAILBOX_HIGH_WATER = "taskbroker_mailbox_high_water_messages"
+_ACTIVATIONS = "taskbroker_state_activations"
+_DIRTY = "taskbroker_state_dirty_records"
+_FLUSH_OUTSTANDING = "taskbroker_state_flush_outstanding"
+_SCRAPE_TIMEOUT_S = 5.0
+_INGEST_POLL_S = 0.25
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=_SCRAPE_TIMEOUT_S) as response:
+        exposition: str = response.read().decode()
+    return exposition
+
+
+def samples_by_label(exposition: str, sample: str, label: str) -> dict[str, float]:
+    """The values of the samples named `sample`, by the value of `label`, summed over
+    their other labels."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for found in family.samples:
+            if found.name == sample:
+                key = found.labels.get(label, "")
+                values[key] = values.get(key, 0.0) + found.value
+    return values
+
+
+def buckets_by_label(exposition: str, histogram: str, label: str) -> dict[str, dict[float, float]]:
+    """The cumulative buckets of `histogram` by the value of `label`, summed over its
+    other labels (the mailbox wait: over message types)."""
+    buckets: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(exposition):
+        if family.name != histogram:
+            continue
+        for found in family.samples:
+            if found.name == f"{histogram}_bucket":
+                by_bound = buckets.setdefault(found.labels[label], {})
+                bound = float(found.labels["le"])
+                by_bound[bound] = by_bound.get(bound, 0.0) + found.value
+    return buckets
+
+
+def mailboxes(before: str, after: str) -> dict[str, dict[str, Any]]:
+    """Every actor's mailbox over a phase, from scrapes before and after it: the high-water
+    mark at the end (kept since the broker started), and the messages taken during the
+    phase with their time in the mailbox, p50/p99 in ms."""
+    # Imported here: loadtest.latency imports this module.
+    from loadtest.latency import broker_side  # noqa: PLC0415
+
+    waits_before = buckets_by_label(before, MAILBOX_WAIT, "actor")
+    waits_after = buckets_by_label(after, MAILBOX_WAIT, "actor")
+    high_water = samples_by_label(after, MAILBOX_HIGH_WATER, "actor")
+    result: dict[str, dict[str, Any]] = {}
+    for actor in sorted(high_water.keys() | waits_after.keys()):
+        waited = broker_side(waits_before.get(actor), waits_after.get(actor))
+        result[actor] = {
+            "high_water": int(high_water[actor]) if actor in high_water else None,
+            "messages": waited.get("count", 0),
+            "wait_p50_ms": waited.get("p50_ms"),
+            "wait_p99_ms": waited.get("p99_ms"),
+        }
+    return result
+
+
+def backlog_ingested(exposition: str, tasks: int) -> bool:
+    """Whether the broker holds at least `tasks` pending activations with nothing left to
+    flush (a sqlite-direct broker has no flush: those gauges are absent)."""
+    pending = samples_by_label(exposition, _ACTIVATIONS, "status").get("pending", 0.0)
+    unflushed = sum(samples_by_label(exposition, _DIRTY, "").values()) + sum(
+        samples_by_label(exposition, _FLUSH_OUTSTANDING, "").values()
+    )
+    return pending >= tasks and unflushed == 0
+
+
+def wait_backlog_ingested(url: str, tasks: int, timeout_s: float) -> None:
+    """Raises TimeoutError when the broker has not ingested `tasks` in `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not backlog_ingested(scrape(url), tasks):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the broker had not ingested {tasks} tasks in {timeout_s} s")
+        time.sleep(_INGEST_POLL_S)
+
+
 # --- one run --------------------------------------------------------------------------------
 
 
@@ -220,16 +339,25 @@ def cpu_us_per_task(cpu_s: float, completed: int) -> float | None:
     return round(cpu_s * 1e6 / completed, 1) if completed else None
 
 
+def _shown(value: float | None, spec: str = ",.0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def summary_line(result: dict[str, Any]) -> str:
-    """One phase in one line: what it ran, tasks/s, latency, the broker's CPU per task."""
-    latency = result["latency_ms"]
+    """One phase in one line: what it ran, tasks/s, task latency, the broker's CPU per task
+    and the state actor's mailbox."""
+    latency = result["task_latency_ms"]
     cpu = result.get("broker", {}).get("cpu_us_per_task")
+    state = result.get("mailboxes", {}).get(STATE_ACTOR, {})
+    protocol = result["protocol"] + (f" x{result['batch']}" if result["batch"] > 1 else "")
     return (
-        f"{result['store_mode']}, {result['commit_delay_ms']} ms commits, "
-        f"{result['workers']} workers: {result['tasks_per_s']:,.0f} tasks/s, "
-        f"p50 {latency['p50']:,.1f} ms, p99 {latency['p99']:,.1f} ms, "
-        f"broker CPU {'-' if cpu is None else f'{cpu:,.0f}'} µs/task, "
-        f"{result['lost']} lost, {result['duplicates']} duplicates, {result['errors']} errors"
+        f"{result['store_mode']}, {result['commit_delay_ms']} ms commits, {protocol}, "
+        f"{result['workers']} workers{', backlog' if result['backlog'] else ''}: "
+        f"{result['tasks_per_s']:,.0f} tasks/s, "
+        f"task p50 {latency['p50']:,.1f} ms, p99 {latency['p99']:,.1f} ms, "
+        f"broker CPU {_shown(cpu)} µs/task, state mailbox high water "
+        f"{_shown(state.get('high_water'))}, wait p99 {_shown(state.get('wait_p99_ms'), ',.2f')} "
+        f"ms, {result['lost']} lost, {result['duplicates']} duplicates, {result['errors']} errors"
     )
 
 
@@ -276,8 +404,12 @@ def summarize(
     all_latencies = [v for values in report.latencies_ms.values() for v in values]
     lost = len(produced_set - completed_set)
     return {
+        "protocol": phase.kind.name,
+        "batch": phase.kind.batch,
+        "backlog": phase.backlog,
         "workers": phase.workers,
-        "processes": phase.processes,
+        "processes": phase.worker_processes,
+        "coroutines": phase.worker_processes * phase.threads_per_process,
         "tasks": phase.tasks,
         "work_ms": phase.work_ms,
         "param_bytes": phase.param_bytes,
@@ -285,6 +417,7 @@ def summarize(
         "timed_out": lost > 0,
         "seconds": round(seconds, 3),
         "tasks_per_s": round(completed / seconds, 1),
+        "task_latency_ms": percentiles(report.task_latencies_ms),
         "latency_ms": percentiles(all_latencies),
         "latency_ms_by_method": {m: percentiles(v) for m, v in report.latencies_ms.items()},
         "rpcs": len(all_latencies),
@@ -294,20 +427,34 @@ def summarize(
         "lost": lost,
         "duplicates": len(report.received) - len(set(report.received)),
         "unexpected": len(completed_set - produced_set),
+        "workers_cpu": _cpu_share(report.cpu_s, stopped_wall - started_wall),
     }
+
+
+def _cpu_share(cpu_s: float, wall_s: float) -> dict[str, float]:
+    """CPU seconds, and as a percentage of one core over `wall_s`."""
+    return {"cpu_s": round(cpu_s, 2), "cpu_percent": round(100 * cpu_s / max(wall_s, 1e-9), 1)}
 
 
 class Session:
     """A broker under test and the Kafka topic it consumes; each `run` is one phase."""
 
     def __init__(
-        self, setup: BrokerSetup, bootstrap: str, topic: str, target: str, broker_pid: int | None
+        self,
+        setup: BrokerSetup,
+        bootstrap: str,
+        topic: str,
+        target: str,
+        broker_pid: int | None,
+        *,
+        kafka_pid: int | None,
     ) -> None:
         self.setup = setup
         self.bootstrap = bootstrap
         self.topic = topic
         self.target = target
         self.broker_pid = broker_pid
+        self.kafka_pid = kafka_pid
         self._runs = 0
 
     def __repr__(self) -> str:
@@ -322,37 +469,62 @@ class Session:
 
     def run(self, phase: Phase, *, progress: bool = True) -> dict[str, Any]:
         """Produce the phase's tasks, then run its workers until all are complete (or time
-        is up); the result also carries the broker's CPU and memory over the phase."""
+        is up); the result also carries the broker's CPU, memory and mailboxes, and Kafka's
+        CPU, over the phase.
+
+        Raises ValueError for a backlog phase without the broker's metrics, and TimeoutError
+        when its backlog is not ingested within the phase's `max_seconds`.
+        """
+        url = self.setup.metrics_url
+        if phase.backlog and url is None:
+            raise ValueError("a backlog phase needs the broker's metrics to see ingest end")
         self._runs += 1
         ids = task_ids(f"{self.topic}-{self._runs}", phase.tasks)
+        producing = time.monotonic()
         produce_tasks(self.bootstrap, self.topic, ids, TaskSpec(param_bytes=phase.param_bytes))
-        pid = self.broker_pid
-        cpu_before = cpu_seconds(pid) if pid is not None else 0.0
+        timings = {"produce_s": round(time.monotonic() - producing, 2)}
+        if phase.backlog and url is not None:
+            wait_backlog_ingested(url, phase.tasks, phase.max_seconds)
+            timings["backlog_ingested_s"] = round(time.monotonic() - producing, 2)
+        before = scrape(url) if url is not None else None
+        broker_cpu = _cpu_of(self.broker_pid)
+        kafka_cpu = _cpu_of(self.kafka_pid)
         report, started_wall, stopped_wall = run_workers(
             self.target,
-            processes=phase.processes,
+            processes=phase.worker_processes,
             threads=phase.threads_per_process,
             work_ms=phase.work_ms,
             until_completed=phase.tasks,
             max_seconds=phase.max_seconds,
+            kind=phase.kind,
             on_progress=_progress_line(phase.tasks) if progress else None,
         )
         if progress:
             print(file=sys.stderr)
+        wall_s = stopped_wall - started_wall
         result = {
             "store_mode": self.setup.store_mode,
             "commit_delay_ms": self.setup.commit_delay_ms,
             **summarize(phase, ids, report, started_wall, stopped_wall),
+            **timings,
         }
-        if pid is not None:
-            cpu_s = cpu_seconds(pid) - cpu_before
+        if self.broker_pid is not None:
+            cpu_s = cpu_seconds(self.broker_pid) - broker_cpu
             result["broker"] = {
-                "cpu_s": round(cpu_s, 2),
+                **_cpu_share(cpu_s, wall_s),
                 "cpu_us_per_task": cpu_us_per_task(cpu_s, result["completed"]),
-                "cpu_percent": round(100 * cpu_s / max(stopped_wall - started_wall, 1e-9), 1),
-                **memory_mb(pid),
+                **memory_mb(self.broker_pid),
             }
+        if self.kafka_pid is not None:
+            result["kafka_cpu"] = _cpu_share(cpu_seconds(self.kafka_pid) - kafka_cpu, wall_s)
+        # After the CPU is read: a scrape costs the broker CPU of its own.
+        if before is not None and url is not None:
+            result["mailboxes"] = mailboxes(before, scrape(url))
         return result
+
+
+def _cpu_of(pid: int | None) -> float:
+    return cpu_seconds(pid) if pid is not None else 0.0
 
 
 @contextmanager
@@ -363,13 +535,15 @@ def session(
     target: str | None = None,
     topic: str | None = None,
     broker_pid: int | None = None,
+    kafka_pid: int | None = None,
 ) -> Iterator[Session]:
     """A warmed-up broker to run phases against. Without `bootstrap` it starts the embedded
     Kafka; without `target` it starts a broker on a new topic. With `target`, `topic` names
-    the topic that broker consumes."""
+    the topic that broker consumes. `broker_pid` and `kafka_pid`, when known, are measured."""
     with ExitStack() as stack:
         if bootstrap is None:
-            bootstrap = stack.enter_context(EmbeddedKafka(port=free_port(_HOST))).bootstrap
+            kafka = stack.enter_context(EmbeddedKafka(port=free_port(_HOST)))
+            bootstrap, kafka_pid = kafka.bootstrap, kafka.pid
         if target is None:
             topic = f"loadtest-{uuid.uuid4().hex[:8]}"
             _create_topics(bootstrap, topic)
@@ -378,7 +552,7 @@ def session(
             target, broker_pid = broker.target, broker.pid
         if topic is None:
             raise ValueError("a --target broker needs the topic it consumes")
-        under_test = Session(setup, bootstrap, topic, target, broker_pid)
+        under_test = Session(setup, bootstrap, topic, target, broker_pid, kafka_pid=kafka_pid)
         under_test.warm_up()
         yield under_test
 
@@ -402,6 +576,18 @@ def main(argv: list[str] | None = None) -> int:
         "--processes", type=int, default=_DEFAULT.processes, help="worker processes"
     )
     parser.add_argument("--tasks", type=int, default=_DEFAULT.tasks)
+    parser.add_argument("--protocol", choices=("unary", "batch"), default="unary")
+    parser.add_argument(
+        "--batch", type=int, default=DEFAULT_BATCH, help="batch: tasks per worker coroutine"
+    )
+    parser.add_argument(
+        "--wait-ms", type=int, default=DEFAULT_WAIT_MS, help="batch: a fetch's wait when idle"
+    )
+    parser.add_argument(
+        "--backlog",
+        action="store_true",
+        help="start the workers once the broker has ingested every task",
+    )
     parser.add_argument("--work-ms", type=float, default=0.0, help="simulated work per task")
     parser.add_argument("--commit-delay-ms", type=int, default=0, help="SQLite commit delay")
     parser.add_argument("--param-bytes", type=int, default=_DEFAULT.param_bytes)
@@ -414,13 +600,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.target and not (args.kafka and args.topic):
         parser.error("--target needs --kafka and --topic")
+    if args.target and args.backlog:
+        parser.error("--backlog reads the metrics of a broker started here: not with --target")
+    try:
+        kind = (
+            BatchWorkers(args.batch, args.wait_ms) if args.protocol == "batch" else UnaryWorkers()
+        )
+    except ValueError as error:
+        parser.error(str(error))
     phase = Phase(
         workers=args.workers,
-        processes=min(args.processes, args.workers),
+        processes=args.processes,
         tasks=args.tasks,
         work_ms=args.work_ms,
         param_bytes=args.param_bytes,
         max_seconds=args.max_seconds,
+        kind=kind,
+        backlog=args.backlog,
     )
     setup = BrokerSetup(
         store_mode=args.store_mode,
@@ -428,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         grpc_max_workers=args.grpc_max_workers,
         max_tasks=args.tasks,
         max_workers=args.workers,
+        metrics_port=0 if args.target else free_port(_HOST),
     )
     with session(
         setup,

@@ -13,7 +13,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from loadtest.compare import DELAY_WORKERS, SWEEP, by_mode
+from loadtest.compare import DELAY_WORKERS, PROTOCOL_WORKERS, SWEEP, by_mode
 
 _COLOURS = {"memory": "#1f77b4", "sqlite-direct": "#d62728"}
 _DPI = 100
@@ -51,7 +51,7 @@ def _latency(results: dict[str, Any]) -> Figure:
             color=colour,
             label=f"{mode} p99",
         )
-    axes.set(xlabel="concurrent workers", ylabel="RPC latency (ms, log)", title="Latency")
+    axes.set(xlabel="concurrent workers", ylabel="task latency (ms, log)", title="Latency")
     axes.set_yscale("log")
     axes.grid(alpha=0.3, which="both")
     axes.legend()
@@ -96,7 +96,7 @@ def _sweep(sweep: dict[str, dict[str, dict[str, Any]]]) -> Figure:
         p99_axes.plot(measured, [r["p99_ms"] for r in rows], marker="s", color=colour, label=mode)
     rate_axes.set(xlabel="commit delay (ms)", ylabel="tasks completed / s", title="Throughput")
     rate_axes.set_ylim(bottom=0)
-    p99_axes.set(xlabel="commit delay (ms)", ylabel="p99 RPC latency (ms, log)", title="p99")
+    p99_axes.set(xlabel="commit delay (ms)", ylabel="p99 task latency (ms, log)", title="p99")
     p99_axes.set_yscale("log")
     for axes in (rate_axes, p99_axes):
         axes.set_xticks(delays)
@@ -116,7 +116,7 @@ def figures(results: dict[str, Any]) -> dict[str, Figure]:
         "commit_delay.png": _bars(
             modes,
             [("p99_ms_no_delay", "no delay"), ("p99_ms_commit_delay", "200 ms commit delay")],
-            "p99 RPC latency (ms, log)",
+            "p99 task latency (ms, log)",
             "p99 at 256 workers, with and without slow commits",
             log=True,
         ),
@@ -130,18 +130,30 @@ def figures(results: dict[str, Any]) -> dict[str, Figure]:
     }
 
 
-_COLUMNS = ("tasks/s", "p50 ms", "p99 ms", "broker CPU µs/task")
+_COLUMNS = (
+    "tasks/s",
+    "task p50 ms",
+    "task p99 ms",
+    "broker CPU µs/task",
+    "state mailbox high water",
+    "state mailbox wait p99 ms",
+)
+
+
+def _shown(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _cells(row: dict[str, Any] | None) -> str:
     if row is None:
         return f"<td colspan={len(_COLUMNS)}>-</td>"
     flags = f" ({row['errors']} errors)" if row["errors"] else ""
-    cpu = row["cpu_us_per_task"]
     return (
         f"<td>{row['tasks_per_s']:,.0f}{flags}</td>"
         f"<td>{row['p50_ms']:,.1f}</td><td>{row['p99_ms']:,.1f}</td>"
-        f"<td>{'-' if cpu is None else f'{cpu:,.0f}'}</td>"
+        f"<td>{_shown(row['cpu_us_per_task'], ',.0f')}</td>"
+        f"<td>{_shown(row['state_high_water'], ',')}</td>"
+        f"<td>{_shown(row['state_wait_p99_ms'], ',.2f')}</td>"
     )
 
 
@@ -155,6 +167,9 @@ def _table(results: dict[str, Any]) -> str:
     for workers in sorted({int(w) for s in summaries.values() for w in s["by_workers"]}):
         cells = "".join(_cells(summaries[mode]["by_workers"][str(workers)]) for mode in modes)
         rows.append(f"<tr><th>{workers} workers</th>{cells}</tr>")
+    for protocol in ("unary", "batch"):
+        cells = "".join(_cells(summaries[mode]["by_protocol"].get(protocol)) for mode in modes)
+        rows.append(f"<tr><th>{PROTOCOL_WORKERS} workers, {protocol} protocol</th>{cells}</tr>")
     for delay, by_delay in results[SWEEP].items():
         cells = "".join(_cells(by_delay.get(mode)) for mode in modes)
         rows.append(f"<tr><th>{DELAY_WORKERS} workers, {delay} ms commits</th>{cells}</tr>")

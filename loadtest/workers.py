@@ -1,12 +1,21 @@
-"""Simulated workers: K processes x C coroutines, each a worker that loops GetTask →
-(simulated work) → SetTaskStatus(COMPLETE, fetch_next_task) until told to stop.
+"""Simulated workers: K processes x C coroutines that take tasks from the broker, complete
+them, and record everything, until told to stop. The protocol is a `WorkerKind`: unary
+workers here (GetTask → simulated work → SetTaskStatus(COMPLETE, fetch_next_task), one task
+per call), batch workers in `loadtest.batch_workers`; the processes, the accounting and the
+stop and progress machinery are the same for both.
 
 Every RPC's latency and status is recorded, and every task id received and completed, so
-the run can account for each activation, and for each task the time from its `received_at`
-(the producer's clock) to its arrival at a worker: the first-claim latency, meaningful when
-tasks are produced while the workers wait (`loadtest latency`), not when a phase's tasks
-are all produced before it starts. Latencies cover every answered RPC except a
-GetTask answered NOT_FOUND (nothing pending): those are counted as empty polls instead,
+the run can account for each activation. Two latencies per task:
+
+- its call latency: the latency of the call that carried its result and was answered (one
+  value per task, so a batch call of 32 results counts 32 times); with no simulated work,
+  what the broker costs a task in a worker's hands, comparable across protocols;
+- its first-claim latency: the time from its `received_at` (the producer's clock) to its
+  arrival at a worker, meaningful when tasks are produced while the workers wait (`loadtest
+  latency`), not when a phase's tasks are all produced before it starts.
+
+Latencies cover every answered RPC except an empty answer to a call that reported nothing
+(GetTask's NOT_FOUND, an empty FetchTasks): those are counted as empty polls instead,
 because at the end of a run idle workers would otherwise fill the percentiles with cheap
 answers.
 """
@@ -14,14 +23,15 @@ answers.
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import SynchronizedArray
 from multiprocessing.synchronize import Event as EventType
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import grpc
 
@@ -29,37 +39,76 @@ from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2_grpc as pb_grpc
 from loadtest.producer import APPLICATION
 
-_RPC_TIMEOUT_S = 10.0
+RPC_TIMEOUT_S = 10.0
 _START_TIMEOUT_S = 60.0
 EMPTY_POLL_SLEEP_MS = 20.0
-"""After NOT_FOUND a worker waits before asking again, as a real worker does."""
+"""After NOT_FOUND a unary worker waits before asking again, as a real worker does."""
 _ERROR_SLEEP_S = 0.01
 _PUBLISH_INTERVAL_S = 0.1
-# Statuses after which a worker sends the same result again (WIRE.md: workers retry).
-_RETRIED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Statuses after which a worker sends the same results again (WIRE.md: workers retry).
+RETRIED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+class Worker(Protocol):
+    """One simulated worker coroutine."""
+
+    @property
+    def tally(self) -> Tally: ...
+
+    async def run(self) -> None:
+        """Until cancelled (the end of the run)."""
+
+
+class WorkerKind(Protocol):
+    """A worker protocol: how its coroutines are built. It travels to the spawned worker
+    processes, so an implementation must pickle (a frozen dataclass does)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def batch(self) -> int:
+        """Tasks one coroutine holds at once: `workers` slots take workers / batch of them."""
+
+    def worker(self, channel: grpc.aio.Channel, plan: WorkerPlan) -> Worker: ...
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerPlan:
     target: str
     threads: int
+    """Coroutines per process."""
     work_s: float
-    empty_poll_sleep_s: float = EMPTY_POLL_SLEEP_MS / 1000
+    empty_poll_sleep_s: float
+    """A unary worker's wait after NOT_FOUND; a batch fetch waits in the broker instead."""
+    kind: WorkerKind
+
+
+def coroutines_per_process(kind: WorkerKind, slots: int, processes: int) -> int:
+    """Coroutines in each of `processes` processes so that together they hold `slots`
+    tasks at once (rounded up, and at least one per process)."""
+    return max(1, math.ceil(math.ceil(slots / kind.batch) / processes))
 
 
 @dataclass
 class WorkerReport:
-    """One process's record of a run; latencies in milliseconds by method."""
+    """One process's record of a run (or several merged); latencies in milliseconds."""
 
     latencies_ms: dict[str, list[float]] = field(default_factory=dict)
+    """By method."""
     errors: Counter[str] = field(default_factory=Counter)
     empty_polls: int = 0
     received: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
+    task_latencies_ms: list[float] = field(default_factory=list)
+    """One per completed task: the latency of the call that carried its result."""
     last_completion: float = 0.0
     """Wall-clock time of this process's last completed task."""
     claim_latencies_ms: dict[str, float] = field(default_factory=dict)
     """By task id: its first arrival at a worker minus its `received_at`, both wall clocks."""
+    cpu_s: float = 0.0
+    """The worker processes' own CPU (all their threads) from go to stop: whether the load
+    generator, sharing the machine with the broker, limited the run."""
 
     def merge(self, other: WorkerReport) -> None:
         for method, values in other.latencies_ms.items():
@@ -68,13 +117,67 @@ class WorkerReport:
         self.empty_polls += other.empty_polls
         self.received += other.received
         self.completed += other.completed
+        self.task_latencies_ms += other.task_latencies_ms
         self.last_completion = max(self.last_completion, other.last_completion)
         for task_id, latency_ms in other.claim_latencies_ms.items():
             self.claim_latencies_ms.setdefault(task_id, latency_ms)
+        self.cpu_s += other.cpu_s
 
 
-class _Worker:
-    """One simulated worker, a coroutine; its lists are its own, merged once it has stopped.
+class Tally:
+    """What one worker coroutine records, the same way for every protocol; its report is
+    its own, merged once the coroutine has stopped."""
+
+    def __init__(self, methods: Iterable[str]) -> None:
+        self.report = WorkerReport(latencies_ms={method: [] for method in methods})
+        self.completed_count = 0
+
+    def received(self, task: pb.TaskActivation) -> None:
+        arrived = time.time()
+        self.report.received.append(task.id)
+        if task.HasField("received_at"):
+            produced = task.received_at.seconds + task.received_at.nanos / 1e9
+            self.report.claim_latencies_ms.setdefault(task.id, (arrived - produced) * 1000)
+
+    def answered(self, method: str, started: float) -> float:
+        """Record a call answered (or failed) now that began at `started` (perf_counter);
+        its latency in ms."""
+        latency_ms = (time.perf_counter() - started) * 1000
+        self.report.latencies_ms[method].append(latency_ms)
+        return latency_ms
+
+    def completed(self, ids: Iterable[str], call_ms: float) -> None:
+        """Tasks whose results one answered call of `call_ms` carried."""
+        before = len(self.report.completed)
+        self.report.completed.extend(ids)
+        done = len(self.report.completed) - before
+        if done:
+            self.report.task_latencies_ms.extend([call_ms] * done)
+            self.report.last_completion = time.time()
+            self.completed_count += done
+
+    def empty_poll(self) -> None:
+        self.report.empty_polls += 1
+
+    async def failed(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        self.answered(method, started)
+        self.report.errors[code.name] += 1
+        await asyncio.sleep(_ERROR_SLEEP_S)
+
+
+@dataclass(frozen=True, slots=True)
+class UnaryWorkers:
+    """ConsumerService: one coroutine per worker slot, one task per call."""
+
+    name: ClassVar[str] = "unary"
+    batch: ClassVar[int] = 1
+
+    def worker(self, channel: grpc.aio.Channel, plan: WorkerPlan) -> Worker:
+        return _UnaryWorker(pb_grpc.ConsumerServiceStub(channel), plan)
+
+
+class _UnaryWorker:
+    """One simulated unary worker.
 
     Workers are coroutines on one grpc.aio channel per process rather than threads: a
     thread per worker spent more of this machine's two cores on the load generator than
@@ -84,11 +187,9 @@ class _Worker:
         self._stub = stub
         self._work_s = plan.work_s
         self._empty_poll_sleep_s = plan.empty_poll_sleep_s
-        self.report = WorkerReport(latencies_ms={"GetTask": [], "SetTaskStatus": []})
-        self.completed_count = 0
+        self.tally = Tally(("GetTask", "SetTaskStatus"))
 
     async def run(self) -> None:
-        """Until cancelled (the end of the run)."""
         held: pb.TaskActivation | None = None
         while True:
             held = await self.step(held)
@@ -101,19 +202,19 @@ class _Worker:
         started = time.perf_counter()
         try:
             response = await self._stub.GetTask(  # type: ignore[misc]
-                pb.GetTaskRequest(application=APPLICATION), timeout=_RPC_TIMEOUT_S
+                pb.GetTaskRequest(application=APPLICATION), timeout=RPC_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as error:
             code = error.code()
             if code is grpc.StatusCode.NOT_FOUND:
-                self.report.empty_polls += 1
+                self.tally.empty_poll()
                 await asyncio.sleep(self._empty_poll_sleep_s)
             else:
-                await self._failed("GetTask", code, started)
+                await self.tally.failed("GetTask", code, started)
             return None
-        self._answered("GetTask", started)
+        self.tally.answered("GetTask", started)
         task: pb.TaskActivation = response.task
-        self._received(task)
+        self.tally.received(task)
         return task
 
     async def _complete(self, task: pb.TaskActivation) -> pb.TaskActivation | None:
@@ -127,36 +228,18 @@ class _Worker:
         )
         try:
             response = await self._stub.SetTaskStatus(  # type: ignore[misc]
-                request, timeout=_RPC_TIMEOUT_S
+                request, timeout=RPC_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as error:
             code = error.code()
-            await self._failed("SetTaskStatus", code, started)
-            return task if code in _RETRIED_CODES else None
-        self._answered("SetTaskStatus", started)
-        self.report.completed.append(task.id)
-        self.report.last_completion = time.time()
-        self.completed_count += 1
+            await self.tally.failed("SetTaskStatus", code, started)
+            return task if code in RETRIED_CODES else None
+        self.tally.completed((task.id,), self.tally.answered("SetTaskStatus", started))
         if not response.HasField("task"):
             return None
         following: pb.TaskActivation = response.task
-        self._received(following)
+        self.tally.received(following)
         return following
-
-    def _received(self, task: pb.TaskActivation) -> None:
-        arrived = time.time()
-        self.report.received.append(task.id)
-        if task.HasField("received_at"):
-            produced = task.received_at.seconds + task.received_at.nanos / 1e9
-            self.report.claim_latencies_ms.setdefault(task.id, (arrived - produced) * 1000)
-
-    def _answered(self, method: str, started: float) -> None:
-        self.report.latencies_ms[method].append((time.perf_counter() - started) * 1000)
-
-    async def _failed(self, method: str, code: grpc.StatusCode, started: float) -> None:
-        self._answered(method, started)
-        self.report.errors[code.name] += 1
-        await asyncio.sleep(_ERROR_SLEEP_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,14 +260,15 @@ def _worker_process(index: int, plan: WorkerPlan, signals: _Signals) -> None:
 async def _serve_workers(index: int, plan: WorkerPlan, signals: _Signals) -> None:
     async with grpc.aio.insecure_channel(plan.target) as channel:
         await asyncio.wait_for(channel.channel_ready(), _START_TIMEOUT_S)
-        stub = pb_grpc.ConsumerServiceStub(channel)
-        workers = [_Worker(stub, plan) for _ in range(plan.threads)]
+        workers = [plan.kind.worker(channel, plan) for _ in range(plan.threads)]
         signals.ready.put(index)
         await asyncio.to_thread(signals.go.wait, _START_TIMEOUT_S)
+        cpu_started = time.process_time()
         running = [asyncio.create_task(worker.run()) for worker in workers]
         # Publish this process's completions for the parent's progress and end condition.
         while not await asyncio.to_thread(signals.stop.wait, _PUBLISH_INTERVAL_S):
-            signals.completed[index] = sum(w.completed_count for w in workers)
+            signals.completed[index] = sum(w.tally.completed_count for w in workers)
+        cpu_s = time.process_time() - cpu_started
         # Cancelling drops the calls still waiting on a broker that is behind, so a
         # bounded run ends now rather than after the RPC timeout.
         for task in running:
@@ -193,9 +277,9 @@ async def _serve_workers(index: int, plan: WorkerPlan, signals: _Signals) -> Non
     failures = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
     if failures:
         raise failures[0]  # a worker crashed; cancellation (the normal end) is no Exception
-    report = WorkerReport()
+    report = WorkerReport(cpu_s=cpu_s)
     for worker in workers:
-        report.merge(worker.report)
+        report.merge(worker.tally.report)
     signals.reports.put(report)
 
 
@@ -210,14 +294,14 @@ def complete_tasks(target: str, count: int, timeout_s: float) -> list[str]:
 async def _complete_tasks(target: str, count: int, timeout_s: float) -> list[str]:
     deadline = time.monotonic() + timeout_s
     async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.ConsumerServiceStub(channel)
-        worker = _Worker(stub, WorkerPlan(target, 1, 0.0))
+        plan = WorkerPlan(target, 1, 0.0, EMPTY_POLL_SLEEP_MS / 1000, UnaryWorkers())
+        worker = _UnaryWorker(pb_grpc.ConsumerServiceStub(channel), plan)
         held: pb.TaskActivation | None = None
-        while worker.completed_count < count:
+        while (done := worker.tally.completed_count) < count:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{worker.completed_count} of {count} tasks completed in time")
+                raise TimeoutError(f"{done} of {count} tasks completed in time")
             held = await worker.step(held)
-    return worker.report.completed
+    return worker.tally.report.completed
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,10 +319,12 @@ def run_workers(
     until_completed: int,
     max_seconds: float,
     empty_poll_sleep_ms: float = EMPTY_POLL_SLEEP_MS,
+    kind: WorkerKind | None = None,
     on_started: Callable[[], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> tuple[WorkerReport, float, float]:
-    """Run the workers until `until_completed` tasks are complete or `max_seconds` pass.
+    """Run the workers until `until_completed` tasks are complete or `max_seconds` pass:
+    `threads` coroutines of `kind` (default unary) in each of `processes` processes.
 
     `on_started` is called once every worker is connected and told to go. Returns the
     merged report, the wall-clock time the workers started, and when the run stopped.
@@ -250,7 +336,9 @@ def run_workers(
     go, stop = context.Event(), context.Event()
     completed = context.Array("q", processes)
     signals = _Signals(ready, go, stop, completed, reports)
-    plan = WorkerPlan(target, threads, work_ms / 1000, empty_poll_sleep_ms / 1000)
+    plan = WorkerPlan(
+        target, threads, work_ms / 1000, empty_poll_sleep_ms / 1000, kind or UnaryWorkers()
+    )
     children = [
         context.Process(
             target=_worker_process,
@@ -280,13 +368,13 @@ def run_workers(
         stop.set()
         stopped_wall = time.time()
         for _ in children:
-            merged.merge(reports.get(timeout=_RPC_TIMEOUT_S + 30))
+            merged.merge(reports.get(timeout=RPC_TIMEOUT_S + 30))
     finally:
         stop.set()
         go.set()
         for child in children:
-            child.join(timeout=_RPC_TIMEOUT_S)
+            child.join(timeout=RPC_TIMEOUT_S)
             if child.is_alive():
                 child.kill()
-                child.join(timeout=_RPC_TIMEOUT_S)
+                child.join(timeout=RPC_TIMEOUT_S)
     return merged, started_wall, stopped_wall
