@@ -405,8 +405,9 @@ def test_a_worker_down_at_start_costs_a_bounded_claim_rate_and_loses_nothing(
     start_pusher(state, {"app": (f"127.0.0.1:{port}",)}, backoff_ms=200, max_backoff_ms=1000)
     time.sleep(1.0)
     claims_in_first_second = handled.handled_by["ClaimForPush"]
-    # 0, 0.2, 0.6 s: a claim per rest of 200, 400, 800 ms; a spinning pusher asks thousands.
-    assert 2 <= claims_in_first_second <= 5, handled.handled_by
+    # Two at 0 s (the second finds nothing more), then one probe after each rest of 200 and
+    # 400 ms: 4 measured. A pusher that spun would ask thousands of times.
+    assert 1 <= claims_in_first_second <= 5, handled.handled_by
     wait_until(lambda: counts(state) == {"pending": 20}, "every task pending")
 
     worker = workers(port=port)
