@@ -19,6 +19,11 @@ stopped actor's mailbox would raise there and stop the state. The mailbox takes 
 
 Stop: no more asks; pushes in flight get up to `stop_wait_ms` to end; every task not
 acknowledged by then is told failed, so it is pending in the state's last flush.
+
+Measured on 2 cores, 20,000 pending tasks pushed to one grpc.aio worker process that answers
+at once: 160 µs (max_in_flight 32, 5,600 pushes/s) to 180 µs (256, 4,300/s) of broker CPU
+per push, pusher and state actor together; a unary front-end call costs about 260 µs, and a
+pulled task takes two.
 """
 
 from __future__ import annotations
