@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import grpc
 import pykka
@@ -21,7 +20,7 @@ from actors.auth import SignatureCheck
 from actors.batcher import StateBatcher
 from actors.errors import ConfigError
 from actors.messages import SetServing
-from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver
+from actors.runtime import BrokerActor, LoopThread, MailboxConfig, MailboxObserver
 from actors.services import (
     BATCH_SERVICE_NAME,
     SERVICE_NAME,
@@ -44,10 +43,8 @@ logger = logging.getLogger(__name__)
 
 HEALTH_SERVICE_NAME: Final = "grpc.health.v1.Health"
 
-# Starting and stopping the loop's thread and the server on it.
-_LOOP_START_TIMEOUT_S: Final = 10.0
-
-T = TypeVar("T")
+# What a stop may take beyond the calls' grace: stopping the server and its loop.
+_SHUT_DOWN_MARGIN_S: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,15 +201,11 @@ class GrpcFrontend(BrokerActor):
         design brings its own), on `config.max_workers` threads."""
         super().__init__("frontend", mailbox or MailboxConfig(size=100), mailbox_observer)
         self._config = config
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="grpc-frontend-loop", daemon=True
-        )
-        self._thread.start()
+        self._loop = LoopThread("grpc-frontend-loop")
         try:
-            self._served = self._on_loop(self._serve(state, state_client, observer))
+            self._served = self._loop.run(self._serve(state, state_client, observer))
         except BaseException:
-            self._stop_loop()
+            self._loop.stop()
             raise
 
     def __repr__(self) -> str:
@@ -224,13 +217,13 @@ class GrpcFrontend(BrokerActor):
         return self._served.port
 
     def on_start(self) -> None:
-        self._on_loop(self._served.server.start())
+        self._loop.run(self._served.server.start())
         logger.info("serving gRPC on %s:%d", self._config.host, self._served.port)
 
     def handle(self, message: object) -> object:
         match message:
             case SetServing(serving):
-                self._loop.call_soon_threadsafe(self._served.health.set_serving, serving)
+                self._loop.call_soon(self._served.health.set_serving, serving)
                 logger.info("health: %s", "SERVING" if serving else "NOT_SERVING")
             case _:
                 raise TypeError(f"frontend got an unknown message: {message!r}")
@@ -238,9 +231,9 @@ class GrpcFrontend(BrokerActor):
 
     def release(self) -> None:
         try:
-            self._on_loop(self._shut_down(), self._config.stop_grace_s + _LOOP_START_TIMEOUT_S)
+            self._loop.run(self._shut_down(), self._config.stop_grace_s + _SHUT_DOWN_MARGIN_S)
         finally:
-            self._stop_loop()
+            self._loop.stop()
 
     async def _serve(
         self,
@@ -299,18 +292,6 @@ class GrpcFrontend(BrokerActor):
         served.health.close()
         await served.server.stop(self._config.stop_grace_s)
         served.state.stop()
-
-    def _on_loop(self, work: Awaitable[T], timeout_s: float = _LOOP_START_TIMEOUT_S) -> T:
-        async def run() -> T:
-            return await work
-
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout_s)
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(_LOOP_START_TIMEOUT_S)
-        if not self._thread.is_alive():
-            self._loop.close()
 
 
 def _bind(server: grpc.aio.Server, host: str, port: int) -> int:

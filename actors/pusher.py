@@ -34,9 +34,9 @@ import logging
 import math
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol
 
 import grpc
 import pykka
@@ -49,6 +49,7 @@ from actors.push_policy import PushLimits, PushPolicy
 from actors.records import ActivationId, Status
 from actors.runtime import (
     BrokerActor,
+    LoopThread,
     MailboxConfig,
     MailboxObserver,
     ask_with_callback,
@@ -59,12 +60,10 @@ logger = logging.getLogger(__name__)
 
 PUSH_TASK_PATH: Final = "/sentry_protos.taskbroker.v1.WorkerService/PushTask"
 
-# Starting the loop's thread and building the channels on it.
-_LOOP_START_TIMEOUT_S: Final = 10.0
+# What a stop may take beyond its wait for pushes: settling them, stopping the loop.
+_STOP_MARGIN_S: Final = 10.0
 # How often a stopping pusher looks whether its pushes have ended.
 _STOP_POLL_S: Final = 0.01
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,22 +183,18 @@ class Pusher(BrokerActor):
     ) -> None:
         super().__init__("pusher", mailbox or MailboxConfig(size=100), mailbox_observer)
         self._config = config
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="pusher-loop", daemon=True
-        )
-        self._thread.start()
+        self._loop = LoopThread("pusher-loop")
         try:
-            self._pushes = self._on_loop(self._build(state, observer or _SilentPushObserver()))
+            self._pushes = self._loop.run(self._build(state, observer or _SilentPushObserver()))
         except BaseException:
-            self._stop_loop()
+            self._loop.stop()
             raise
 
     def __repr__(self) -> str:
         return f"<Pusher {self._pushes!r}>"
 
     def on_start(self) -> None:
-        self._loop.call_soon_threadsafe(self._pushes.start)
+        self._loop.call_soon(self._pushes.start)
         logger.info("pushing to %s", dict(self._config.worker_map))
 
     def handle(self, message: object) -> object:
@@ -208,26 +203,14 @@ class Pusher(BrokerActor):
     def release(self) -> None:
         wait_s = self._config.stop_wait_ms / 1000
         try:
-            abandoned = self._on_loop(self._pushes.stop(wait_s), wait_s + _LOOP_START_TIMEOUT_S)
+            abandoned = self._loop.run(self._pushes.stop(wait_s), wait_s + _STOP_MARGIN_S)
             if abandoned:
                 logger.info("stopped with %d push(es) unanswered: pending again", abandoned)
         finally:
-            self._stop_loop()
+            self._loop.stop()
 
     async def _build(self, state: pykka.ActorRef[Any], observer: PushObserver) -> _Pushes:
         return _Pushes(self._config, state, observer, asyncio.get_running_loop())
-
-    def _on_loop(self, work: Awaitable[T], timeout_s: float = _LOOP_START_TIMEOUT_S) -> T:
-        async def run() -> T:
-            return await work
-
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout_s)
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(_LOOP_START_TIMEOUT_S)
-        if not self._thread.is_alive():
-            self._loop.close()
 
 
 class _Replies:

@@ -10,6 +10,7 @@ the configured push timeout before it gets `MailboxFull`.
 from __future__ import annotations
 
 import abc
+import asyncio
 import gc
 import logging
 import math
@@ -17,10 +18,10 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum, StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pykka
 from pykka._envelope import Envelope
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from pykka._types import OptExcInfo
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A ticker blocked in `tell` on a full BLOCK mailbox needs up to the push timeout to
 # notice it was stopped; the margin covers thread scheduling on a loaded machine.
@@ -511,3 +514,37 @@ class Ticker:
                 return
             except MailboxFull as error:
                 logger.debug("ticker %s skipped a beat: %s", self._name, error)
+
+
+class LoopThread:
+    """An asyncio event loop in a thread of its own, for an actor whose work is network I/O
+    on grpc.aio (the front end, the pusher). The actor's thread hands it coroutines and
+    waits for them with a bound; everything else reaches the loop by `call_soon`."""
+
+    _WAIT_S = 10.0  # starting, building on and stopping the loop
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<LoopThread {self._thread.name} {'running' if self.loop.is_running() else 'idle'}>"
+
+    def run(self, work: Awaitable[T], timeout_s: float = _WAIT_S) -> T:
+        """Run `work` on the loop and wait for its result, at most `timeout_s`."""
+
+        async def wrapped() -> T:
+            return await work
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self.loop).result(timeout_s)
+
+    def call_soon(self, callback: Callable[..., object], *args: object) -> None:
+        self.loop.call_soon_threadsafe(callback, *args)
+
+    def stop(self) -> None:
+        """Stop the loop and its thread; the loop is closed once the thread has ended."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(self._WAIT_S)
+        if not self._thread.is_alive():
+            self.loop.close()

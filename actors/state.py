@@ -37,7 +37,7 @@ from actors.messages import (
     WorkBatch,
 )
 from actors.records import ActivationId
-from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, Ticker
+from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, Ticker, tell_if_alive
 from actors.statemachine import Limits, StateMachine, first_claim_latency_s
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,9 @@ class StateActor(BrokerActor):
                 return answer
             case ClaimForPush():
                 tasks = self._claim_for_push(message)
-                message.reply_to.tell(ClaimedForPush(message.application, tasks))
+                # A pusher stopped meanwhile must not stop the state: the lease brings the
+                # tasks back.
+                tell_if_alive(message.reply_to, ClaimedForPush(message.application, tasks))
                 self._after_change()
             case PushesSettled():
                 self._settle(message)
