@@ -89,6 +89,16 @@ def claim(name: str) -> tuple[Request, ...]:
     return (Claim(application=name),)
 
 
+async def held_by_the_state(
+    batcher: StateBatcher, state: pykka.ActorRef[ScriptedState], name: str
+) -> asyncio.Future[Any]:
+    """A claim sent in a batch that the state actor holds until its gate opens."""
+    sent = asyncio.ensure_future(batcher.ask(claim(name)))
+    entered = state.proxy().entered.get(timeout=TIMEOUT_S)
+    await asyncio.to_thread(entered.wait, TIMEOUT_S)
+    return sent
+
+
 def test_the_calls_of_one_loop_round_go_as_one_batch(gate: threading.Event) -> None:
     state = start_state(gate)
     sizes: list[int] = []
@@ -109,9 +119,7 @@ def test_calls_made_while_a_batch_is_in_flight_go_together_in_the_next(
     gate.clear()
 
     async def scenario(batcher: StateBatcher) -> Any:
-        first = asyncio.ensure_future(batcher.ask(claim("first")))
-        entered = state.proxy().entered.get(timeout=TIMEOUT_S)
-        await asyncio.to_thread(entered.wait, TIMEOUT_S)
+        first = await held_by_the_state(batcher, state, "first")
         later = [asyncio.ensure_future(batcher.ask(claim(f"later-{i}"))) for i in range(5)]
         await asyncio.sleep(0.05)  # several loop rounds: still one batch in flight
         assert batcher.waiting == 5
@@ -206,9 +214,7 @@ def test_a_full_mailbox_refuses_the_batch(gate: threading.Event) -> None:
     gate.clear()
 
     async def scenario(batcher: StateBatcher) -> Any:
-        held = asyncio.ensure_future(batcher.ask(claim("held")))
-        entered = state.proxy().entered.get(timeout=TIMEOUT_S)
-        await asyncio.to_thread(entered.wait, TIMEOUT_S)
+        held = await held_by_the_state(batcher, state, "held")
         state.tell(WorkBatch(()))  # fills the one place in the mailbox
         # The batcher's own batch is in flight; a second batcher stands for a second loop.
         other = StateBatcher(state, asyncio.get_running_loop(), TIMEOUT_S, 10)
@@ -225,9 +231,7 @@ def test_a_cancelled_call_is_not_sent(gate: threading.Event) -> None:
     gate.clear()
 
     async def scenario(batcher: StateBatcher) -> Any:
-        first = asyncio.ensure_future(batcher.ask(claim("first")))
-        entered = state.proxy().entered.get(timeout=TIMEOUT_S)
-        await asyncio.to_thread(entered.wait, TIMEOUT_S)
+        first = await held_by_the_state(batcher, state, "first")
         gone = asyncio.ensure_future(batcher.ask(claim("gone")))
         kept = asyncio.ensure_future(batcher.ask(claim("kept")))
         await asyncio.sleep(0)
@@ -244,9 +248,7 @@ def test_stop_fails_the_waiting_and_refuses_new_calls(gate: threading.Event) -> 
     gate.clear()
 
     async def scenario(batcher: StateBatcher) -> Any:
-        first = asyncio.ensure_future(batcher.ask(claim("first")))
-        entered = state.proxy().entered.get(timeout=TIMEOUT_S)
-        await asyncio.to_thread(entered.wait, TIMEOUT_S)
+        first = await held_by_the_state(batcher, state, "first")
         waiting = asyncio.ensure_future(batcher.ask(claim("waiting")))
         await asyncio.sleep(0)
         batcher.stop()

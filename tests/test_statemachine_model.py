@@ -49,6 +49,24 @@ class StateMachineModel(RuleBasedStateMachine):
     def live_ids(self) -> set[ActivationId]:
         return {record.id for record in self.machine}
 
+    def claimable(self, application: str | None, namespace: str | None) -> list[Record]:
+        """What a claim within the filter may hand out now: pending or due, not expired."""
+        return [
+            r
+            for r in self.machine
+            if (
+                r.status is Status.PENDING
+                or (
+                    r.status is Status.DELAY
+                    and r.delay_until is not None
+                    and r.delay_until <= self.now
+                )
+            )
+            and (r.expires_at is None or r.expires_at > self.now)
+            and application in (None, r.application)
+            and namespace in (None, r.namespace)
+        ]
+
     # --- operations --------------------------------------------------------------------------
 
     @rule(
@@ -106,21 +124,7 @@ class StateMachineModel(RuleBasedStateMachine):
     @rule(scope=filters)
     def claim(self, scope: tuple[str | None, str | None]) -> None:
         application, namespace = scope
-        eligible = [
-            r
-            for r in self.machine
-            if (
-                r.status is Status.PENDING
-                or (
-                    r.status is Status.DELAY
-                    and r.delay_until is not None
-                    and r.delay_until <= self.now
-                )
-            )
-            and (r.expires_at is None or r.expires_at > self.now)
-            and application in (None, r.application)
-            and namespace in (None, r.namespace)
-        ]
+        eligible = self.claimable(application, namespace)
         before = {r.id: r.expires_at for r in self.machine}
         record = self.machine.claim(self.now, application, namespace)
         if not eligible:
@@ -140,20 +144,7 @@ class StateMachineModel(RuleBasedStateMachine):
         application=st.sampled_from((None, *APPLICATIONS)), lease_s=st.sampled_from((1, 10))
     )
     def claim_for_push(self, application: str | None, lease_s: float) -> None:
-        eligible = [
-            r
-            for r in self.machine
-            if (
-                r.status is Status.PENDING
-                or (
-                    r.status is Status.DELAY
-                    and r.delay_until is not None
-                    and r.delay_until <= self.now
-                )
-            )
-            and (r.expires_at is None or r.expires_at > self.now)
-            and application in (None, r.application)
-        ]
+        eligible = self.claimable(application, None)
         attempts = {r.id: r.processing_attempts for r in self.machine}
         record = self.machine.claim_for_push(self.now, application, lease_s)
         if not eligible:
