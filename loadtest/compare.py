@@ -14,7 +14,10 @@ Run with `python -m loadtest compare [--quick] [--json PATH]`. For each store mo
    store and counting its rows, since the rows are its state);
 5. the worker protocol at 256 workers: unary (the phase of 1.) and batch (TaskBatchService,
    32 tasks per coroutine, a broker of its own so that its mailbox high-water marks are its
-   own).
+   own);
+6. pull vs push delivery at 32, 256 and 768 worker slots, memory mode: the unary phases of
+   1., and a push broker of its own (`delivery_mode = "push"`) serving the simulated push
+   workers of `loadtest.push_workers`, the same three phases after a warm-up.
 
 The JSON is `{"memory": M, "sqlite-direct": M}` with M = `{"by_workers": {"32": R, ...},
 "by_protocol": {"unary": R, "batch": R}, "p99_ms_no_delay", "p99_ms_commit_delay",
@@ -25,8 +28,10 @@ that protocols compare; cpu_us_per_task: the broker process's CPU per completed 
 state actor's mailbox high-water mark since its broker started, and its messages' time in
 the mailbox, p99, during the phase; both None without the broker's metrics), plus
 `"commit_latency_sweep": {"0": {"memory": R, "sqlite-direct": R}, "2": {...}, "10":
-{...}}`. The run also writes `loadtest/results/<date>/`: that JSON, every phase's full
-numbers, and the report (PNG plots and one HTML page).
+{...}}`, and `"delivery": {"32": {"pull": R, "push": R}, "256": ..., "768": ...}` (push's
+task latency: a push's arrival to the answer of the report that carried its result). The
+run also writes `loadtest/results/<date>/`: that JSON, every phase's full numbers, and the
+report (PNG plots and one HTML page).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from actors.store import SqliteStore
 from actors.writer import SqliteWriter, WriterConfig
 from loadtest.batch_workers import BatchWorkers
 from loadtest.e2e import STATE_ACTOR, BrokerSetup, Phase, session, summary_line
+from loadtest.push_workers import PushDelivery
 from loadtest.report import machine
 
 MODES = ("memory", "sqlite-direct")
@@ -64,6 +70,7 @@ PROTOCOL_WORKERS = 256
 COMMIT_DELAY_MS = 200
 SWEEP = "commit_latency_sweep"
 SWEEP_DELAYS_MS = (0, 2, 10)
+DELIVERY = "delivery"
 RESULTS_DIR = Path(__file__).parent / "results"
 _RESTORE_TIMEOUT_S = 300.0
 
@@ -187,6 +194,37 @@ def _own_broker_phase(setup: BrokerSetup, phase: Phase, bootstrap: str) -> dict[
     return result
 
 
+def measure_delivery(
+    plan: Plan, bootstrap: str, pull_rows: dict[str, dict[str, Any]]
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Push delivery at WORKER_COUNTS slots beside the memory mode's pull rows (`by_workers`):
+    `{slots: {"pull": R, "push": R}}`, and the push phases' full results."""
+    setup = BrokerSetup(
+        store_mode="memory",
+        max_tasks=plan.tasks,
+        max_workers=WORKER_COUNTS[-1],
+        metrics_port=free_port(),
+        delivery="push",
+    )
+    base = Phase(
+        processes=plan.processes,
+        param_bytes=plan.param_bytes,
+        tasks=plan.tasks,
+        max_seconds=plan.max_seconds,
+        kind=PushDelivery(),
+    )
+    rows: dict[str, dict[str, Any]] = {}
+    phases: list[dict[str, Any]] = []
+    with session(setup, bootstrap=bootstrap, push_processes=plan.processes) as under_test:
+        for workers in WORKER_COUNTS:
+            _say(f"memory, push delivery: {workers} worker slots, {plan.tasks:,} tasks")
+            phase = under_test.run(replace(base, workers=workers))
+            _say(summary_line(phase))
+            phases.append(phase)
+            rows[str(workers)] = {"pull": pull_rows[str(workers)], "push": phase_row(phase)}
+    return rows, phases
+
+
 def sweep_summary(phases: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """The commit-latency sweep, `{delay_ms: {mode: row}}`, from every phase's full result:
     the unary ones at DELAY_WORKERS workers with a delay of SWEEP_DELAYS_MS."""
@@ -263,8 +301,8 @@ def restore_direct_s(path: Path) -> float:
 def compare(
     plan: Plan, bootstrap: str | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Both modes' summaries and the sweep, and every phase; without `bootstrap`, an
-    embedded Kafka."""
+    """Both modes' summaries, the sweep and pull vs push, and every phase; without
+    `bootstrap`, an embedded Kafka."""
     results: dict[str, Any] = {}
     phases: list[dict[str, Any]] = []
     with ExitStack() as stack:
@@ -276,6 +314,10 @@ def compare(
         for mode in MODES:
             results[mode], mode_phases = measure_mode(mode, plan, bootstrap, restore_file)
             phases += mode_phases
+        results[DELIVERY], push_phases = measure_delivery(
+            plan, bootstrap, results["memory"]["by_workers"]
+        )
+        phases += push_phases
     results[SWEEP] = sweep_summary(phases)
     return results, phases
 
@@ -323,6 +365,11 @@ def print_table(results: dict[str, Any]) -> None:
     for delay, rows in results[SWEEP].items():
         cells = [_cell(rows[mode]) if mode in rows else "-" for mode in modes]
         print(f"{f'{delay} ms commits':20}" + "".join(f"{c:>{width}}" for c in cells))
+    print("pull vs push delivery, memory (p50, p99: task latency in ms)")
+    print(f"{'':20}" + "".join(f"{delivery:>{width}}" for delivery in ("pull", "push")))
+    for slots, rows in results[DELIVERY].items():
+        cells = [_cell(rows[delivery]) for delivery in ("pull", "push")]
+        print(f"{f'{slots} slots':20}" + "".join(f"{c:>{width}}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> int:

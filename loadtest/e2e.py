@@ -18,6 +18,16 @@ phase also reports every actor's mailbox: its high-water mark, which the broker 
 since it started (so it is read at the phase end and covers the earlier phases of the same
 broker), and the time its messages spent in the mailbox during the phase, p50/p99
 estimated from the histogram's buckets scraped before and after the phase.
+
+With `--delivery push` the broker pushes instead (`delivery_mode = "push"`): the simulated
+push workers of `loadtest.push_workers` start first, on free ports of 127.0.0.1 that the
+broker's `worker_map` names, and live for the whole session; `--workers` counts the tasks
+they execute at once, over `--processes` processes. Their task latency is the time from a
+push's arrival to the answer of the report that carried its result (received → result
+recorded); with no simulated work that is what the pull workers' task latency measures too,
+the call that carried the result. A push phase also reports the pushes the workers refused.
+The first pushes of a phase, which fill the workers' queues while its tasks are produced,
+fall before the broker's CPU is read, as the ingest during produce does in a pull phase.
 """
 
 from __future__ import annotations
@@ -33,9 +43,9 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +57,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
 from loadtest.batch_workers import DEFAULT_BATCH, DEFAULT_WAIT_MS, BatchWorkers
-from loadtest.producer import TaskSpec, produce_tasks, task_ids
+from loadtest.producer import APPLICATION, TaskSpec, produce_tasks, task_ids
+from loadtest.push_workers import (
+    DEFAULT_FLUSH_INTERVAL_MS,
+    PushDelivery,
+    PushPlan,
+    PushWorkerPool,
+)
 from loadtest.report import machine
 from loadtest.workers import (
     Progress,
@@ -79,6 +95,9 @@ class BrokerSetup:
     metrics_port: int = 0
     """The broker's /metrics port on 127.0.0.1; 0: off. Not the default 9090: brokers of
     different runs may share the machine, so a run that scrapes picks a free port."""
+    delivery: str = "pull"
+    worker_endpoints: tuple[str, ...] = ()
+    """Push delivery: the load-test application's workers (`session` fills it in)."""
 
     @property
     def metrics_url(self) -> str | None:
@@ -95,8 +114,8 @@ class Phase:
     work_ms: float = 0.0
     param_bytes: int = 512
     max_seconds: float = 120.0
-    kind: WorkerKind = field(default_factory=UnaryWorkers)
-    """The worker protocol; `workers` counts the tasks its coroutines hold at once."""
+    kind: WorkerKind | PushDelivery = field(default_factory=UnaryWorkers)
+    """The worker protocol, or push delivery; `workers` counts the tasks held at once."""
     backlog: bool = False
     """Start the workers once the broker has ingested and flushed every task."""
 
@@ -107,7 +126,9 @@ class Phase:
 
     @property
     def threads_per_process(self) -> int:
-        """Coroutines per worker process."""
+        """Coroutines per worker process (push: those that execute tasks)."""
+        if isinstance(self.kind, PushDelivery):
+            return self.kind.plan(self.workers, self.worker_processes, 0.0).coroutines
         return coroutines_per_process(self.kind, self.workers, self.worker_processes)
 
 
@@ -153,6 +174,9 @@ def broker_environment(
     }
     if setup.grpc_max_workers is not None:
         settings["GRPC_MAX_WORKERS"] = str(setup.grpc_max_workers)
+    if setup.delivery == "push":
+        settings["DELIVERY_MODE"] = "push"
+        settings[f"WORKER_MAP__{APPLICATION.upper()}"] = ",".join(setup.worker_endpoints)
     return {f"TASKBROKER_{key}": value for key, value in settings.items()}
 
 
@@ -358,6 +382,7 @@ def summary_line(result: dict[str, Any]) -> str:
         f"broker CPU {_shown(cpu)} µs/task, state mailbox high water "
         f"{_shown(state.get('high_water'))}, wait p99 {_shown(state.get('wait_p99_ms'), ',.2f')} "
         f"ms, {result['lost']} lost, {result['duplicates']} duplicates, {result['errors']} errors"
+        + (f", {result['refused_pushes']} pushes refused" if "refused_pushes" in result else "")
     )
 
 
@@ -448,6 +473,7 @@ class Session:
         broker_pid: int | None,
         *,
         kafka_pid: int | None,
+        push_pool: PushWorkerPool | None = None,
     ) -> None:
         self.setup = setup
         self.bootstrap = bootstrap
@@ -455,29 +481,44 @@ class Session:
         self.target = target
         self.broker_pid = broker_pid
         self.kafka_pid = kafka_pid
+        self.push_pool = push_pool
+        """The push workers the broker's worker_map names; None for pull delivery."""
         self._runs = 0
 
     def __repr__(self) -> str:
         return f"<Session {self.setup.store_mode} at {self.target}, topic {self.topic}>"
 
     def warm_up(self) -> None:
-        """Produce and complete a few tasks from this process, unmeasured."""
+        """Produce and complete a few tasks, unmeasured: from this process, or through the
+        push workers.
+
+        Raises TimeoutError when they are not all complete in time.
+        """
         self._runs += 1
         ids = task_ids(f"{self.topic}-{self._runs}", _WARM_UP_TASKS)
+        if self.push_pool is not None:
+            self.push_pool.prepare(self.target, PushPlan(1, _WARM_UP_TASKS))
         produce_tasks(self.bootstrap, self.topic, ids, TaskSpec(param_bytes=16))
-        complete_tasks(self.target, _WARM_UP_TASKS, _WARM_UP_TIMEOUT_S)
+        if self.push_pool is None:
+            complete_tasks(self.target, _WARM_UP_TASKS, _WARM_UP_TIMEOUT_S)
+            return
+        warm = self.push_pool.run(until_completed=_WARM_UP_TASKS, max_seconds=_WARM_UP_TIMEOUT_S)
+        if len(warm.report.completed) < _WARM_UP_TASKS:
+            raise TimeoutError(f"{len(warm.report.completed)} of {_WARM_UP_TASKS} warm-up tasks")
 
     def run(self, phase: Phase, *, progress: bool = True) -> dict[str, Any]:
         """Produce the phase's tasks, then run its workers until all are complete (or time
         is up); the result also carries the broker's CPU, memory and mailboxes, and Kafka's
         CPU, over the phase.
 
-        Raises ValueError for a backlog phase without the broker's metrics, and TimeoutError
-        when its backlog is not ingested within the phase's `max_seconds`.
+        Raises ValueError for a backlog phase without the broker's metrics, or a phase whose
+        delivery is not the broker's, and TimeoutError when its backlog is not ingested within
+        the phase's `max_seconds`.
         """
         url = self.setup.metrics_url
         if phase.backlog and url is None:
             raise ValueError("a backlog phase needs the broker's metrics to see ingest end")
+        self._prepare_push(phase)
         self._runs += 1
         ids = task_ids(f"{self.topic}-{self._runs}", phase.tasks)
         producing = time.monotonic()
@@ -489,15 +530,8 @@ class Session:
         before = scrape(url) if url is not None else None
         broker_cpu = _cpu_of(self.broker_pid)
         kafka_cpu = _cpu_of(self.kafka_pid)
-        report, started_wall, stopped_wall = run_workers(
-            self.target,
-            processes=phase.worker_processes,
-            threads=phase.threads_per_process,
-            work_ms=phase.work_ms,
-            until_completed=phase.tasks,
-            max_seconds=phase.max_seconds,
-            kind=phase.kind,
-            on_progress=_progress_line(phase.tasks) if progress else None,
+        report, started_wall, stopped_wall, pushes = self._work(
+            phase, _progress_line(phase.tasks) if progress else None
         )
         if progress:
             print(file=sys.stderr)
@@ -506,6 +540,7 @@ class Session:
             "store_mode": self.setup.store_mode,
             "commit_delay_ms": self.setup.commit_delay_ms,
             **summarize(phase, ids, report, started_wall, stopped_wall),
+            **pushes,
             **timings,
         }
         if self.broker_pid is not None:
@@ -523,6 +558,54 @@ class Session:
         return result
 
 
+    def _prepare_push(self, phase: Phase) -> None:
+        """Push delivery: give the push workers the phase's plan before its tasks exist,
+        since the broker pushes them as soon as it has them.
+
+        Raises ValueError for a phase whose delivery is not the broker's, and for a push
+        phase with a backlog (a push broker pushes while it ingests).
+        """
+        pool = self.push_pool
+        if isinstance(phase.kind, PushDelivery) != (pool is not None):
+            raise ValueError(f"a {phase.kind.name} phase against a {self.setup.delivery} broker")
+        if pool is None or not isinstance(phase.kind, PushDelivery):
+            return
+        if phase.backlog:
+            raise ValueError("a push broker pushes while it ingests: no backlog phase")
+        pool.prepare(
+            self.target, phase.kind.plan(phase.workers, pool.processes, phase.work_ms / 1000)
+        )
+
+    def _work(
+        self, phase: Phase, on_progress: Callable[[Progress], None] | None
+    ) -> tuple[WorkerReport, float, float, dict[str, int]]:
+        """Run the phase's workers: the report, when they started and stopped (wall clock),
+        and the pushes refused (push delivery only)."""
+        if not isinstance(phase.kind, PushDelivery):
+            report, started_wall, stopped_wall = run_workers(
+                self.target,
+                processes=phase.worker_processes,
+                threads=phase.threads_per_process,
+                work_ms=phase.work_ms,
+                until_completed=phase.tasks,
+                max_seconds=phase.max_seconds,
+                kind=phase.kind,
+                on_progress=on_progress,
+            )
+            return report, started_wall, stopped_wall, {}
+        if self.push_pool is None:
+            raise ValueError("a push phase against a pull broker")
+        pushed = self.push_pool.run(
+            until_completed=phase.tasks, max_seconds=phase.max_seconds, on_progress=on_progress
+        )
+        return (
+            pushed.report,
+            pushed.started_wall,
+            pushed.stopped_wall,
+            {"refused_pushes": pushed.refused},
+        )
+
+
 def _cpu_of(pid: int | None) -> float:
     return cpu_seconds(pid) if pid is not None else 0.0
 
@@ -536,14 +619,25 @@ def session(
     topic: str | None = None,
     broker_pid: int | None = None,
     kafka_pid: int | None = None,
+    push_processes: int = _DEFAULT.processes,
 ) -> Iterator[Session]:
     """A warmed-up broker to run phases against. Without `bootstrap` it starts the embedded
     Kafka; without `target` it starts a broker on a new topic. With `target`, `topic` names
-    the topic that broker consumes. `broker_pid` and `kafka_pid`, when known, are measured."""
+    the topic that broker consumes. `broker_pid` and `kafka_pid`, when known, are measured.
+    A push broker (`setup.delivery`) gets `push_processes` push workers, started first.
+
+    Raises ValueError for a push broker with `target`: its worker_map must name workers
+    started here."""
     with ExitStack() as stack:
         if bootstrap is None:
             kafka = stack.enter_context(EmbeddedKafka(port=free_port(_HOST)))
             bootstrap, kafka_pid = kafka.bootstrap, kafka.pid
+        push_pool = None
+        if setup.delivery == "push":
+            if target is not None:
+                raise ValueError("push delivery needs a broker started here, not --target")
+            push_pool = stack.enter_context(PushWorkerPool(push_processes))
+            setup = replace(setup, worker_endpoints=push_pool.endpoints)
         if target is None:
             topic = f"loadtest-{uuid.uuid4().hex[:8]}"
             _create_topics(bootstrap, topic)
@@ -552,7 +646,9 @@ def session(
             target, broker_pid = broker.target, broker.pid
         if topic is None:
             raise ValueError("a --target broker needs the topic it consumes")
-        under_test = Session(setup, bootstrap, topic, target, broker_pid, kafka_pid=kafka_pid)
+        under_test = Session(
+            setup, bootstrap, topic, target, broker_pid, kafka_pid=kafka_pid, push_pool=push_pool
+        )
         under_test.warm_up()
         yield under_test
 
@@ -588,6 +684,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start the workers once the broker has ingested every task",
     )
+    parser.add_argument(
+        "--delivery",
+        choices=("pull", "push"),
+        default="pull",
+        help="push: the broker pushes to simulated push workers (loadtest.push_workers)",
+    )
+    parser.add_argument(
+        "--push-queue",
+        type=int,
+        help="push: tasks a worker process queues (default: as many as it executes)",
+    )
+    parser.add_argument(
+        "--push-flush-ms",
+        type=float,
+        default=DEFAULT_FLUSH_INTERVAL_MS,
+        help="push: a worker reports what it has this long after a batch's first result",
+    )
     parser.add_argument("--work-ms", type=float, default=0.0, help="simulated work per task")
     parser.add_argument("--commit-delay-ms", type=int, default=0, help="SQLite commit delay")
     parser.add_argument("--param-bytes", type=int, default=_DEFAULT.param_bytes)
@@ -602,10 +715,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--target needs --kafka and --topic")
     if args.target and args.backlog:
         parser.error("--backlog reads the metrics of a broker started here: not with --target")
+    if args.delivery == "push" and (args.target or args.backlog or args.protocol != "unary"):
+        parser.error("--delivery push: not with --target, --backlog or --protocol batch")
+    kind: WorkerKind | PushDelivery
     try:
-        kind = (
-            BatchWorkers(args.batch, args.wait_ms) if args.protocol == "batch" else UnaryWorkers()
-        )
+        if args.delivery == "push":
+            kind = PushDelivery(args.push_queue, args.push_flush_ms)
+        elif args.protocol == "batch":
+            kind = BatchWorkers(args.batch, args.wait_ms)
+        else:
+            kind = UnaryWorkers()
     except ValueError as error:
         parser.error(str(error))
     phase = Phase(
@@ -625,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         max_tasks=args.tasks,
         max_workers=args.workers,
         metrics_port=0 if args.target else free_port(_HOST),
+        delivery=args.delivery,
     )
     with session(
         setup,
@@ -632,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         target=args.target,
         topic=args.topic,
         broker_pid=args.broker_pid,
+        push_processes=args.processes,
     ) as under_test:
         result = under_test.run(phase)
     print(json.dumps(result, indent=2))

@@ -228,6 +228,8 @@ def test_a_phase_line_shows_the_cpu_per_task_and_the_state_mailbox_beside_tasks_
     line = summary_line({**without_broker, "backlog": True})
     assert "batch x32, 256 workers, backlog:" in line
     assert "broker CPU - µs/task, state mailbox high water -, wait p99 - ms" in line
+    line = summary_line({**_phase("memory", 256, 0, 1.0, "push"), "refused_pushes": 3})
+    assert line.endswith("0 errors, 3 pushes refused")
 
 
 def _fake_compare() -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -258,6 +260,15 @@ def _fake_compare() -> tuple[dict[str, Any], list[dict[str, Any]]]:
         for mode in compare.MODES
     }
     results[compare.SWEEP] = compare.sweep_summary(phases)
+    pushed = [_phase("memory", workers, 0, 1200.0, "push") for workers in compare.WORKER_COUNTS]
+    phases += pushed
+    results[compare.DELIVERY] = {
+        str(p["workers"]): {
+            "pull": results["memory"]["by_workers"][str(p["workers"])],
+            "push": compare.phase_row(p),
+        }
+        for p in pushed
+    }
     return results, phases
 
 
@@ -281,6 +292,8 @@ def test_the_table_and_the_report_show_cpu_per_task_and_the_sweep(
     assert "10 ms commits" in printed
     assert "  5,000/s p50    10 p99    30" in printed  # the batch row
     assert "state mailbox: high water     7, p99   0.2 ms" in printed
+    assert "768 slots" in printed
+    assert "  1,200/s p50    10 p99    30" in printed  # a push row
     written = write_report(results, {"command": "test", "phases": phases}, tmp_path)
     assert {path.name for path in written} >= {"commit_latency_sweep.png", "report.html"}
     page = (tmp_path / "report.html").read_text()
@@ -412,7 +425,7 @@ def test_quick_compare_accounts_for_every_task_in_both_modes(
     )
     assert exit_code == 0
     results = json.loads(summary_path.read_text())
-    assert set(results) == {"memory", "sqlite-direct", "commit_latency_sweep"}
+    assert set(results) == {"memory", "sqlite-direct", "commit_latency_sweep", "delivery"}
     for mode, summary in compare.by_mode(results).items():
         assert set(summary) == {
             "by_workers",
@@ -449,6 +462,15 @@ def test_quick_compare_accounts_for_every_task_in_both_modes(
     for rows in sweep.values():
         assert set(rows) == {"memory", "sqlite-direct"}
         assert all(row["tasks_per_s"] > 0 and row["p99_ms"] > 0 for row in rows.values())
+    delivery = results["delivery"]
+    assert set(delivery) == {"32", "256", "768"}
+    for slots, rows in delivery.items():
+        assert rows["pull"] == results["memory"]["by_workers"][slots]
+        push = rows["push"]
+        assert push["protocol"] == "push"
+        assert (push["lost"], push["duplicates"]) == (0, 0)
+        assert push["tasks_per_s"] > 0
+        assert push["cpu_us_per_task"] > 0
     assert json.loads((out / "compare.json").read_text()) == results
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 5
