@@ -41,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -52,11 +51,16 @@ from typing import Any
 import grpc
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
-from prometheus_client.parser import text_string_to_metric_families
 
 from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
 from loadtest.batch_workers import DEFAULT_BATCH, DEFAULT_WAIT_MS, BatchWorkers
+from loadtest.exposition import (
+    buckets_by_label,
+    observed_between,
+    samples_by_label,
+    scrape,
+)
 from loadtest.producer import APPLICATION, TaskSpec, produce_tasks, task_ids
 from loadtest.push_workers import (
     DEFAULT_FLUSH_INTERVAL_MS,
@@ -276,56 +280,19 @@ MAILBOX_HIGH_WATER = "taskbroker_mailbox_high_water_messages"
 _ACTIVATIONS = "taskbroker_state_activations"
 _DIRTY = "taskbroker_state_dirty_records"
 _FLUSH_OUTSTANDING = "taskbroker_state_flush_outstanding"
-_SCRAPE_TIMEOUT_S = 5.0
 _INGEST_POLL_S = 0.25
-
-
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=_SCRAPE_TIMEOUT_S) as response:
-        exposition: str = response.read().decode()
-    return exposition
-
-
-def samples_by_label(exposition: str, sample: str, label: str) -> dict[str, float]:
-    """The values of the samples named `sample`, by the value of `label`, summed over
-    their other labels."""
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(exposition):
-        for found in family.samples:
-            if found.name == sample:
-                key = found.labels.get(label, "")
-                values[key] = values.get(key, 0.0) + found.value
-    return values
-
-
-def buckets_by_label(exposition: str, histogram: str, label: str) -> dict[str, dict[float, float]]:
-    """The cumulative buckets of `histogram` by the value of `label`, summed over its
-    other labels (the mailbox wait: over message types)."""
-    buckets: dict[str, dict[float, float]] = {}
-    for family in text_string_to_metric_families(exposition):
-        if family.name != histogram:
-            continue
-        for found in family.samples:
-            if found.name == f"{histogram}_bucket":
-                by_bound = buckets.setdefault(found.labels[label], {})
-                bound = float(found.labels["le"])
-                by_bound[bound] = by_bound.get(bound, 0.0) + found.value
-    return buckets
 
 
 def mailboxes(before: str, after: str) -> dict[str, dict[str, Any]]:
     """Every actor's mailbox over a phase, from scrapes before and after it: the high-water
     mark at the end (kept since the broker started), and the messages taken during the
     phase with their time in the mailbox, p50/p99 in ms."""
-    # Imported here: loadtest.latency imports this module.
-    from loadtest.latency import broker_side  # noqa: PLC0415
-
     waits_before = buckets_by_label(before, MAILBOX_WAIT, "actor")
     waits_after = buckets_by_label(after, MAILBOX_WAIT, "actor")
     high_water = samples_by_label(after, MAILBOX_HIGH_WATER, "actor")
     result: dict[str, dict[str, Any]] = {}
     for actor in sorted(high_water.keys() | waits_after.keys()):
-        waited = broker_side(waits_before.get(actor), waits_after.get(actor))
+        waited = observed_between(waits_before.get(actor), waits_after.get(actor))
         result[actor] = {
             "high_water": int(high_water[actor]) if actor in high_water else None,
             "messages": waited.get("count", 0),

@@ -21,27 +21,23 @@ import json
 import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from actors.activation import encode_activation
 from actors.embedded_kafka import free_port
 from actors.errors import KafkaUnavailable
 from actors.producer import KafkaProducer, OutgoingMessage, ProducerConfig
 from loadtest.e2e import BrokerSetup, percentiles, session
+from loadtest.exposition import histogram_buckets, observed_between, scrape
 from loadtest.producer import APPLICATION, task_ids
 from loadtest.report import machine
 from loadtest.workers import run_workers
 
 BROKER_HISTOGRAM = "taskbroker_first_claim_latency_seconds"
 _PRODUCE_TIMEOUT_S = 10.0
-_SCRAPE_TIMEOUT_S = 5.0
 _SETTLE_S = 30.0
 """Added to the producing time to bound a run: room for the last tasks to be claimed."""
 
@@ -114,59 +110,8 @@ def produce_paced(
 # --- the broker's histogram -------------------------------------------------------------------
 
 
-def histogram_buckets(exposition: str, name: str) -> dict[float, float] | None:
-    """The cumulative bucket counts of histogram `name` summed over its label sets, by upper
-    bound; None when the exposition has no such histogram."""
-    for family in text_string_to_metric_families(exposition):
-        if family.name == name and family.type == "histogram":
-            buckets: dict[float, float] = {}
-            for sample in family.samples:
-                if sample.name == f"{name}_bucket":
-                    bound = float(sample.labels["le"])
-                    buckets[bound] = buckets.get(bound, 0.0) + sample.value
-            return buckets
-    return None
-
-
-def bucket_quantile(quantile: float, buckets: Mapping[float, float]) -> float | None:
-    """The quantile estimated from cumulative buckets as Prometheus' histogram_quantile does:
-    linear within the bucket that holds the rank, the highest finite bound past the last
-    one. None without observations."""
-    bounds = sorted(buckets)
-    total = buckets[bounds[-1]] if bounds else 0.0
-    if total <= 0:
-        return None
-    rank = quantile * total
-    lower, below = 0.0, 0.0
-    for bound in bounds:
-        count = buckets[bound]
-        if count >= rank:
-            if bound == float("inf"):
-                return lower
-            return lower + (bound - lower) * (rank - below) / (count - below)
-        lower, below = bound, count
-    return lower
-
-
 def _scrape(url: str) -> dict[float, float] | None:
-    with urllib.request.urlopen(url, timeout=_SCRAPE_TIMEOUT_S) as response:
-        exposition: str = response.read().decode()
-    return histogram_buckets(exposition, BROKER_HISTOGRAM)
-
-
-def broker_side(
-    before: Mapping[float, float] | None, after: Mapping[float, float] | None
-) -> dict[str, Any]:
-    """The broker histogram's observations made between two scrapes: count, p50 and p99 in
-    ms; `{"absent": True}` when the broker does not export it."""
-    if after is None:
-        return {"absent": True}
-    delta = {bound: count - (before or {}).get(bound, 0.0) for bound, count in after.items()}
-    result: dict[str, Any] = {"absent": False, "count": int(delta.get(float("inf"), 0.0))}
-    for key, quantile in (("p50_ms", 0.50), ("p99_ms", 0.99)):
-        seconds = bucket_quantile(quantile, delta)
-        result[key] = None if seconds is None else round(seconds * 1000, 2)
-    return result
+    return histogram_buckets(scrape(url), BROKER_HISTOGRAM)
 
 
 # --- one run ------------------------------------------------------------------------------------
@@ -206,7 +151,7 @@ def measure(plan: LatencyPlan, bootstrap: str | None, metrics_port: int) -> dict
                 stop.set()
                 started.set()
             producing.result()
-        broker = broker_side(before, _scrape(url)) if url else None
+        broker = observed_between(before, _scrape(url)) if url else None
     produced = set(ids)
     latencies = [ms for task_id, ms in report.claim_latencies_ms.items() if task_id in produced]
     return {

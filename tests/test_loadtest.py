@@ -20,7 +20,7 @@ from actors.config import StoreMode, load
 from actors.embedded_kafka import EmbeddedKafka
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.wire.taskbroker_actors.v1 import batch_pb2
-from loadtest import compare, latency
+from loadtest import compare, exposition, latency
 from loadtest.batch_workers import BatchWorkers
 from loadtest.e2e import (
     MAILBOX_WAIT,
@@ -320,31 +320,31 @@ def _exposition(observations: list[tuple[str, float]]) -> str:
 
 
 def test_the_broker_histogram_is_summed_over_its_labels() -> None:
-    exposition = _exposition([("a", 0.005), ("b", 0.05), ("b", 0.5)])
-    buckets = latency.histogram_buckets(exposition, latency.BROKER_HISTOGRAM)
+    page = _exposition([("a", 0.005), ("b", 0.05), ("b", 0.5)])
+    buckets = exposition.histogram_buckets(page, latency.BROKER_HISTOGRAM)
     assert buckets == {0.01: 1.0, 0.1: 2.0, 1.0: 3.0, float("inf"): 3.0}
-    assert latency.histogram_buckets(exposition, "taskbroker_other_seconds") is None
+    assert exposition.histogram_buckets(page, "taskbroker_other_seconds") is None
 
 
 def test_quantiles_are_interpolated_within_buckets_as_prometheus_does() -> None:
     buckets = {0.01: 50.0, 0.1: 90.0, 1.0: 100.0, float("inf"): 100.0}
-    assert latency.bucket_quantile(0.5, buckets) == pytest.approx(0.01)
-    assert latency.bucket_quantile(0.7, buckets) == pytest.approx(0.055)
-    assert latency.bucket_quantile(0.25, buckets) == pytest.approx(0.005)
-    assert latency.bucket_quantile(0.99, {0.1: 1.0, float("inf"): 2.0}) == 0.1
-    assert latency.bucket_quantile(0.5, {0.1: 0.0, float("inf"): 0.0}) is None
+    assert exposition.bucket_quantile(0.5, buckets) == pytest.approx(0.01)
+    assert exposition.bucket_quantile(0.7, buckets) == pytest.approx(0.055)
+    assert exposition.bucket_quantile(0.25, buckets) == pytest.approx(0.005)
+    assert exposition.bucket_quantile(0.99, {0.1: 1.0, float("inf"): 2.0}) == 0.1
+    assert exposition.bucket_quantile(0.5, {0.1: 0.0, float("inf"): 0.0}) is None
 
 
 def test_the_broker_side_counts_only_what_was_observed_between_scrapes() -> None:
     before = {0.01: 5.0, 0.1: 5.0, float("inf"): 5.0}
     after = {0.01: 5.0, 0.1: 15.0, float("inf"): 15.0}
-    assert latency.broker_side(before, after) == {
+    assert exposition.observed_between(before, after) == {
         "absent": False,
         "count": 10,
         "p50_ms": pytest.approx(55.0),
         "p99_ms": pytest.approx(99.1),
     }
-    assert latency.broker_side(None, None) == {"absent": True}
+    assert exposition.observed_between(None, None) == {"absent": True}
 
 
 def _broker_exposition(
