@@ -13,7 +13,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from loadtest.compare import DELAY_WORKERS, PROTOCOL_WORKERS, SWEEP, by_mode
+from loadtest.compare import DELAY_WORKERS, DELIVERY, PROTOCOL_WORKERS, SWEEP, by_mode
 
 _COLOURS = {"memory": "#1f77b4", "sqlite-direct": "#d62728"}
 _DPI = 100
@@ -179,6 +179,26 @@ def _table(results: dict[str, Any]) -> str:
     return f"<table><tr><th></th>{head}</tr><tr><th></th>{sub}</tr>{''.join(rows)}</table>"
 
 
+def _delivery_table(results: dict[str, Any]) -> str:
+    """Pull against push, memory mode, by worker slots; empty when the run had no push."""
+    by_slots = results.get(DELIVERY)
+    if not by_slots:
+        return ""
+    span = len(_COLUMNS)
+    head = "".join(f"<th colspan={span}>{delivery}</th>" for delivery in ("pull", "push"))
+    sub = "".join(f"<th>{html.escape(c)}</th>" for c in _COLUMNS) * 2
+    rows = [
+        f"<tr><th>{slots} worker slots</th>"
+        + "".join(_cells(by_slots[slots].get(delivery)) for delivery in ("pull", "push"))
+        + "</tr>"
+        for slots in sorted(by_slots, key=int)
+    ]
+    return (
+        f"<h2>pull vs push delivery (memory)</h2><table><tr><th></th>{head}</tr>"
+        f"<tr><th></th>{sub}</tr>{''.join(rows)}</table>"
+    )
+
+
 def write_report(results: dict[str, Any], run: dict[str, Any], out: Path) -> list[Path]:
     """Write the PNGs and `report.html` into `out`; the paths written."""
     written: list[Path] = []
@@ -204,6 +224,7 @@ took {run.get("seconds", "?")} s.
 Machine: {html.escape(str(machine))}.
 Plan: {html.escape(str(run.get("plan", {})))}.</p>
 {_table(results)}
+{_delivery_table(results)}
 {"".join(images)}
 </body></html>
 """

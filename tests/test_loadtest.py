@@ -300,6 +300,10 @@ def test_the_table_and_the_report_show_cpu_per_task_and_the_sweep(
     assert page.count("data:image/png;base64,") == 5
     assert "broker CPU µs/task" in page
     assert "256 workers, 10 ms commits" in page
+    assert "pull vs push delivery (memory)" in page
+    row = page.split("<th>768 worker slots</th>")[1].split("</tr>")[0]
+    assert row.startswith("<td>1,000</td>")  # pull, then push
+    assert "<td>1,200</td>" in row
     assert "256 workers, batch protocol</th><td>5,000</td>" in page
     assert "state mailbox high water" in page
 
