@@ -1,13 +1,19 @@
 """The files in deploy/: each parses, they agree with the configuration schema and with each
 other (ports, paths, environment), and every metric the dashboard and the alert rules use
-exists on a running broker's /metrics. Docker is not run: the files are read as data."""
+exists on a running broker's /metrics. The push-delivery examples (docker-compose.push.yml,
+Dockerfile.push-worker, push_app.py, kubernetes-push/) map every application to a worker
+service that exists, on the port its worker listens on, and run the pinned push worker.
+Docker and kubectl are not run: the files are read as data."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import os
 import re
 import shlex
+import subprocess
 import threading
 import tomllib
 from collections.abc import Iterator
@@ -19,8 +25,9 @@ import pytest
 import yaml
 
 from actors import config as configuration
-from actors.config import ENV_PREFIX, Config
+from actors.config import ENV_PREFIX, Config, DeliveryMode
 from actors.embedded_kafka import EmbeddedKafka
+from tests import client_venv
 from tests.ops_support import (
     NAMESPACE,
     LoadDone,
@@ -32,6 +39,7 @@ from tests.ops_support import (
     settled_families,
     wait_until,
 )
+from tests.test_push_compat import WORKER_COMMAND
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 METRIC_NAME = re.compile(r"\btaskbroker_[a-z0-9_]+\b")
@@ -41,20 +49,24 @@ def yaml_documents(relative: str) -> list[Any]:
     return [d for d in yaml.safe_load_all((DEPLOY / relative).read_text()) if d is not None]
 
 
-def kubernetes(kind: str) -> dict[str, Any]:
-    found = [
+def manifests(kind: str, folder: str = "kubernetes") -> list[dict[str, Any]]:
+    """Every manifest of `kind` in a folder (a JSON patch file, a list, is none)."""
+    return [
         document
-        for path in sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+        for path in sorted((DEPLOY / folder).glob("*.yaml"))
         for document in yaml_documents(str(path.relative_to(DEPLOY)))
-        if document.get("kind") == kind
+        if isinstance(document, dict) and document.get("kind") == kind
     ]
-    assert len(found) == 1, f"{len(found)} {kind} manifests"
-    document: dict[str, Any] = found[0]
-    return document
 
 
-def compose_service(name: str) -> dict[str, Any]:
-    service: dict[str, Any] = yaml_documents("docker-compose.yml")[0]["services"][name]
+def kubernetes(kind: str, folder: str = "kubernetes") -> dict[str, Any]:
+    found = manifests(kind, folder)
+    assert len(found) == 1, f"{len(found)} {kind} manifests in {folder}"
+    return found[0]
+
+
+def compose_service(name: str, file: str = "docker-compose.yml") -> dict[str, Any]:
+    service: dict[str, Any] = yaml_documents(file)[0]["services"][name]
     return service
 
 
@@ -91,11 +103,16 @@ def image_config() -> Config:
 
 
 @pytest.fixture(scope="module")
-def configmap_config(tmp_path_factory: pytest.TempPathFactory) -> Config:
+def configmap_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     text = kubernetes("ConfigMap")["data"]["config.toml"]
     path = tmp_path_factory.mktemp("configmap") / "config.toml"
     path.write_text(text)
-    return configuration.load(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def configmap_config(configmap_path: Path) -> Config:
+    return configuration.load(configmap_path)
 
 
 # --- every file parses --------------------------------------------------------------------------
@@ -113,7 +130,7 @@ def test_every_file_in_deploy_parses() -> None:
             tomllib.loads(text)
         elif path.suffix == ".py":
             compile(text, str(path), "exec")
-        elif path.name == "Dockerfile":
+        elif path.name.split(".")[0] == "Dockerfile":
             assert Dockerfile(text).instructions[0][0] in {"FROM", "ARG"}
         elif path.suffix == ".md":
             assert text.startswith("#"), path
@@ -294,6 +311,280 @@ def test_image_and_configmap_configs_agree_on_what_the_files_rely_on(
 ) -> None:
     for key in ("grpc_port", "metrics_port", "db_path", "shutdown_timeout_ms", "mailbox"):
         assert getattr(image_config, key) == getattr(configmap_config, key), key
+
+
+# --- push delivery: the compose override, the worker image, the Kubernetes overlay -----------
+
+PUSH_COMPOSE = "docker-compose.push.yml"
+PUSH_KUBERNETES = "kubernetes-push"
+PUSH_DOCKERFILE = "Dockerfile.push-worker"
+# The demo app's settings (push_app.py) that the examples pass to the worker.
+WORKER_SECRET_ENV = "DEMO_RPC_SECRET"
+BROKER_SECRET_ENV = f"{ENV_PREFIX}GRPC_SHARED_SECRET"
+
+
+@pytest.fixture(scope="module")
+def push_worker_image() -> Dockerfile:
+    return Dockerfile((DEPLOY / PUSH_DOCKERFILE).read_text())
+
+
+def option(arguments: list[str], name: str) -> str | None:
+    """The value of `--name=value` or `--name value` in a command line; the last one wins."""
+    value = None
+    for index, argument in enumerate(arguments):
+        if argument.startswith(f"{name}="):
+            value = argument.partition("=")[2]
+        elif argument == name and index + 1 < len(arguments):
+            value = arguments[index + 1]
+    return value
+
+
+def worker_command(image: Dockerfile, command: list[str]) -> list[str]:
+    """The push worker's command line: the image's ENTRYPOINT with `command` for its CMD."""
+    entrypoint: list[str] = json.loads(image.all("ENTRYPOINT")[-1])
+    return [*entrypoint, *command]
+
+
+def endpoints(config: Config) -> list[tuple[str, str, int]]:
+    """(application, host, port) of every worker_map endpoint."""
+    found = []
+    for application, addresses in config.worker_map.items():
+        for address in addresses:
+            host, _, port = address.rpartition(":")
+            found.append((application, host, int(port)))
+    assert found, "no worker_map endpoint"
+    return found
+
+
+def test_push_worker_image_runs_the_pinned_client_push_worker(
+    push_worker_image: Dockerfile,
+) -> None:
+    assert push_worker_image.all("FROM") == ["python:3.11-slim"]
+    installs = " ".join(push_worker_image.all("RUN"))
+    pins = re.findall(r"taskbroker-client==([\w.]+)", installs)
+    assert pins == [client_venv.CLIENT_VERSION] == ["0.20.30"]
+    for requirement in client_venv.REQUIREMENTS:  # the compatibility test's pins
+        assert f'"{requirement}"' in installs, requirement
+
+    command = worker_command(push_worker_image, json.loads(push_worker_image.all("CMD")[-1]))
+    assert command[: 1 + len(WORKER_COMMAND)] == ["python", *WORKER_COMMAND]
+    module, _, attribute = (option(command, "--app-module") or "").partition(":")
+    assert attribute == "app"
+    env = dict(
+        pair.split("=", 1) for line in push_worker_image.all("ENV") for pair in shlex.split(line)
+    )
+    copies = [shlex.split(line)[-2:] for line in push_worker_image.all("COPY")]
+    assert [f"{module}.py", f"{env['PYTHONPATH']}/{module}.py"] in copies
+    assert (DEPLOY / f"{module}.py").is_file()
+
+    port = int(option(command, "--grpc-port") or 0)
+    exposed = {int(p) for line in push_worker_image.all("EXPOSE") for p in line.split()}
+    assert exposed == {port}
+    assert f"127.0.0.1:{port}" in " ".join(push_worker_image.all("HEALTHCHECK"))
+    assert push_worker_image.all("USER")[-1].split(":")[0] not in {"root", "0"}
+    assert push_worker_image.all("STOPSIGNAL") == ["SIGTERM"]
+
+
+def test_compose_push_override_maps_the_demo_application_to_its_push_workers(
+    push_worker_image: Dockerfile,
+) -> None:
+    base = yaml_documents("docker-compose.yml")[0]["services"]
+    override = yaml_documents(PUSH_COMPOSE)[0]["services"]
+    assert set(override) - set(base) == {"push-worker"}
+
+    broker_env = {
+        **compose_service("taskbroker")["environment"],
+        **compose_service("taskbroker", PUSH_COMPOSE)["environment"],
+    }
+    assert all(key.startswith(ENV_PREFIX) for key in broker_env)
+    config = env_config(broker_env, DEPLOY / "config.toml")
+    assert config.delivery_mode is DeliveryMode.PUSH
+
+    for application, host, port in endpoints(config):
+        worker = override[host]
+        assert "entrypoint" not in worker  # the image's: the pinned worker on its port
+        assert worker["build"] == {"context": ".", "dockerfile": PUSH_DOCKERFILE}
+        command = worker_command(push_worker_image, worker["command"])
+        assert int(option(command, "--grpc-port") or 0) == port, application
+        assert option(command, "--broker-service") == f"taskbroker:{config.grpc_port}"
+        assert worker["deploy"]["replicas"] >= 1
+        # Signing, when the broker has it, with the same secret on both sides.
+        assert worker.get("environment", {}).get(WORKER_SECRET_ENV) == broker_env.get(
+            BROKER_SECRET_ENV
+        )
+
+    produce = compose_service("demo-tasks", PUSH_COMPOSE)["command"]
+    assert option(produce, "--application") in config.worker_map
+    assert option(produce, "--topic") == config.kafka_topic
+    # The base's demo tasks, for that application.
+    unchanged = [a for a in produce if not a.startswith("--application=")]
+    assert unchanged == compose_service("demo-tasks")["command"]
+    assert override["worker"]["deploy"]["replicas"] == 0  # GetTask is refused in push mode
+
+
+def json_patched(document: dict[str, Any], operations: list[dict[str, Any]]) -> dict[str, Any]:
+    """`document` after the JSON patch's add and replace operations (all the overlay uses)."""
+    patched = copy.deepcopy(document)
+    for operation in operations:
+        *parents, leaf = operation["path"].removeprefix("/").split("/")
+        target: Any = patched
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        if operation["op"] not in {"add", "replace"}:
+            pytest.fail(f"unsupported JSON patch operation {operation}")
+        if isinstance(target, list) and leaf == "-":
+            target.append(operation["value"])
+        elif isinstance(target, list) and operation["op"] == "add":
+            target.insert(int(leaf), operation["value"])
+        elif isinstance(target, list):
+            target[int(leaf)] = operation["value"]
+        else:
+            target[leaf] = operation["value"]
+    return patched
+
+
+def pod_environment(container: dict[str, Any], pod_name: str) -> dict[str, str]:
+    """The container's environment as in the pod: `$(VAR)` expanded from the variables
+    defined before it, as Kubernetes does; metadata.name is the pod's name."""
+    environment: dict[str, str] = {}
+    for variable in container.get("env", []):
+        if "valueFrom" in variable:
+            assert variable["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+            value = pod_name
+        else:
+            value = re.sub(
+                r"\$\((\w+)\)",
+                lambda match: environment.get(match[1], match[0]),
+                variable["value"],
+            )
+        environment[variable["name"]] = value
+    return environment
+
+
+def test_kubernetes_push_overlay_gives_each_broker_pod_its_own_pool_of_push_workers(
+    configmap_path: Path, configmap_config: Config, push_worker_image: Dockerfile
+) -> None:
+    kustomization = yaml_documents(f"{PUSH_KUBERNETES}/kustomization.yaml")[0]
+    assert "../kubernetes" in kustomization["resources"]  # the base, unchanged
+    listed = set(kustomization["resources"]) | {p["path"] for p in kustomization["patches"]}
+    assert {p.name for p in (DEPLOY / PUSH_KUBERNETES).glob("*.yaml")} - listed == {
+        "kustomization.yaml"
+    }
+
+    statefulset = kubernetes("StatefulSet")
+    for patch in kustomization["patches"]:
+        assert patch["target"] == {"kind": "StatefulSet", "name": "taskbroker"}
+        statefulset = json_patched(
+            statefulset, yaml_documents(f"{PUSH_KUBERNETES}/{patch['path']}")[0]
+        )
+    counts = {r["name"]: r["count"] for r in kustomization.get("replicas", [])}
+    name = statefulset["metadata"]["name"]
+    replicas = counts.get(name, statefulset["spec"]["replicas"])
+    broker_service = kubernetes("Service")
+    broker_selectors = [
+        broker_service["spec"]["selector"],
+        statefulset["spec"]["selector"]["matchLabels"],
+        kubernetes("PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+    ]
+    services = {s["metadata"]["name"]: s for s in manifests("Service", PUSH_KUBERNETES)}
+    # The demo app's name (push_app.py; see the last test of this section).
+    demo_application = option(
+        compose_service("demo-tasks", PUSH_COMPOSE)["command"], "--application"
+    )
+    deployments = manifests("Deployment", PUSH_KUBERNETES)
+    assert deployments
+
+    for ordinal in range(replicas):
+        pod_name = f"{name}-{ordinal}"
+        environment = pod_environment(
+            statefulset["spec"]["template"]["spec"]["containers"][0], pod_name
+        )
+        config = env_config(
+            {k: v for k, v in environment.items() if k.startswith(ENV_PREFIX)}, configmap_path
+        )
+        assert config.delivery_mode is DeliveryMode.PUSH
+        for application, host, port in endpoints(config):
+            assert application == demo_application
+            service = services[host]  # one name for the whole pool, in this namespace
+            assert service["spec"]["clusterIP"] == "None", "round_robin needs every pod's address"
+            [service_port] = [p for p in service["spec"]["ports"] if p["port"] == port]
+            [deployment] = [
+                d
+                for d in deployments
+                if service["spec"]["selector"].items()
+                <= d["spec"]["template"]["metadata"]["labels"].items()
+            ]
+            pod = deployment["spec"]["template"]
+            assert (
+                deployment["spec"]["selector"]["matchLabels"].items()
+                <= pod["metadata"]["labels"].items()
+            )
+            for selector in broker_selectors:  # the brokers' selectors take no worker
+                assert not selector.items() <= pod["metadata"]["labels"].items()
+            [container] = pod["spec"]["containers"]
+            assert "command" not in container  # the image's ENTRYPOINT: the pinned worker
+            # The image that docker-compose.push.yml builds (the tags differ, as the broker's).
+            image = compose_service("push-worker", PUSH_COMPOSE)["image"]
+            assert container["image"].partition(":")[0] == image.partition(":")[0]
+            command = worker_command(push_worker_image, container["args"])
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert ports[service_port["targetPort"]] == int(option(command, "--grpc-port") or 0)
+            assert container["readinessProbe"]["grpc"]["port"] == ports[service_port["targetPort"]]
+            # Results go back to the broker pod that pushed, by its own DNS name.
+            assert option(command, "--broker-service") == (
+                f"{pod_name}.{broker_service['metadata']['name']}:{configmap_config.grpc_port}"
+            ), application
+            worker_env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert worker_env.get(WORKER_SECRET_ENV) == environment.get(BROKER_SECRET_ENV)
+            if container["securityContext"].get("readOnlyRootFilesystem"):
+                assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}
+            assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_readme_push_section_keys_and_defaults_match_the_config() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    section = readme.partition("\n## Push delivery\n")[2].partition("\n## ")[0]
+    assert section, "no Push delivery section"
+    defaults = Config()
+    rows = re.findall(r"^\| `([a-z_.]+)` \| `?([^|`]+?)`? \|", section, re.MULTILINE)
+    assert len(rows) >= 9
+    for key, default in rows:
+        value: Any = defaults
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert str(getattr(value, "value", value)) == default, key
+    assert "](#metrics)" in section  # the push metrics are documented there, once
+    for name in (PUSH_COMPOSE, PUSH_DOCKERFILE, "push_app.py", PUSH_KUBERNETES):
+        assert name in section, name
+    assert f"taskbroker-client=={client_venv.CLIENT_VERSION}" in section
+
+
+@pytest.mark.slow
+def test_the_demo_app_serves_the_produced_tasks_in_the_pinned_client(
+    tmp_path: Path,
+) -> None:
+    """push_app.py imports in the client's own venv; its application is the worker_map key
+    and its task the one `demo-tasks` produces; its secrets become the client's JSON list."""
+    produce = compose_service("demo-tasks", PUSH_COMPOSE)["command"]
+    script = (
+        "import json, push_app; "
+        f"push_app.app.get_task({option(produce, '--namespace')!r}, "
+        f"{option(produce, '--taskname')!r}); "
+        "print(json.dumps([push_app.app.name, push_app.app.config['rpc_secret']]))"
+    )
+    result = subprocess.run(
+        [str(client_venv.client_python()), "-c", script],
+        env={**os.environ, "PYTHONPATH": str(DEPLOY), WORKER_SECRET_ENV: "new, old"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    name, secret = json.loads(result.stdout)
+    assert name == option(produce, "--application")
+    assert json.loads(secret) == ["new", "old"]
 
 
 # --- metric names against a running broker --------------------------------------------------------
