@@ -11,6 +11,7 @@ the small rows that change with each transition.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sqlite3
@@ -138,9 +139,78 @@ class StoreSizes:
     wal_bytes: int
 
 
+class DatabaseLock:
+    """One broker per database file: an exclusive lock on `<db>.lock`, held from open to close.
+
+    Two brokers on one file would both restore its rows and hand out the same tasks. The
+    lock is `flock` because the kernel drops it with the process's last descriptor of the
+    file, so a broker killed with SIGKILL leaves nothing behind and its restart takes the
+    lock at once; and it is `LOCK_NB` so a second broker fails at startup instead of
+    waiting. It is on a file of its own because the database's POSIX locks belong to
+    SQLite, and a close() of any descriptor of that file by this process (a second
+    connection, a test reading the file) silently drops every POSIX lock the process holds
+    on it.
+
+    The file holds the holder's pid while it is held, written after the lock is taken, so
+    a refusal can name the process. The file itself is never deleted: were it unlinked on
+    exit, a broker that had just opened it could lock the unlinked inode while a third
+    broker creates and locks a new file of the same name, and both would run.
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = Path(f"{db_path}.lock")
+        try:
+            # Python descriptors are not inherited, so a child process (the embedded Kafka)
+            # never keeps the lock alive after the broker dies.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot open the lock file of SQLite store {db_path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise StoreError(
+                f"SQLite store {db_path} is in use by another broker (pid {holder}); "
+                "one broker per database file"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot lock SQLite store {db_path} ({self.path}): {exc}") from exc
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot write the lock file {self.path}: {exc}") from exc
+        self._fd: int | None = fd
+
+    def __repr__(self) -> str:
+        return f"DatabaseLock({str(self.path)!r}, held={self._fd is not None})"
+
+    def release(self) -> None:
+        """Give the lock up; a second call does nothing."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            # Emptied first, so a pid in the file names the holder, or one that was killed.
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+
+
+def _read_pid(fd: int) -> str:
+    # Empty between the holder's flock and its write, or after its clean release.
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return text or "unknown"
+
+
 class SqliteStore:
     """One read-write connection to the broker's SQLite file.
 
+    Opening takes the file's `DatabaseLock` first, so a second store on the same file, in
+    this process or another, is refused with the holder's pid; `close` gives it back.
     Opening validates and migrates the file, so a bad file fails in the constructor.
     Not thread-safe: one thread at a time (the connection may be opened in one thread and
     then used only by another, which is how the writer actor uses it).
@@ -159,6 +229,15 @@ class SqliteStore:
         # __conform__ on every such value, which doubled the cost of binding a row.
         for int_like in (Status, OnAttemptsExceeded, bool):
             sqlite3.register_adapter(int_like, int)
+        # Before the first connection: a second broker must not migrate or checkpoint the file.
+        self._db_lock = DatabaseLock(path)
+        try:
+            self._connect_and_open(path, busy_timeout_ms)
+        except BaseException:
+            self._db_lock.release()
+            raise
+
+    def _connect_and_open(self, path: Path, busy_timeout_ms: int) -> None:
         try:
             # isolation_level=None: the module opens no implicit transactions; apply()
             # brackets each batch itself. check_same_thread=False: see the class docstring.
@@ -381,11 +460,15 @@ class SqliteStore:
         )
 
     def close(self) -> None:
-        """Close the connection; the last one to close checkpoints and removes the WAL."""
+        """Close the connection (the last one to close checkpoints and removes the WAL),
+        then give the file's lock back."""
         try:
             self._conn.close()
         except sqlite3.Error as exc:
             raise self._translate(exc, "close") from exc
+        finally:
+            # After the close, so the final checkpoint still runs under the lock.
+            self._db_lock.release()
 
 
 def _file_size(path: Path) -> int:

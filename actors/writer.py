@@ -108,8 +108,9 @@ class SqliteWriter(BrokerActor):
     ) -> None:
         super().__init__(name, mailbox, observer)
         self._flush_observer: WriterObserver = flush_observer or _SilentWriterObserver()
-        # Opened here, in the caller's thread, so a corrupt or unreadable file fails
-        # `SqliteWriter.start()` itself instead of killing the actor later.
+        # Opened here, in the caller's thread, so a corrupt or unreadable file, or one that
+        # another broker holds, fails `SqliteWriter.start()` itself instead of killing the
+        # actor later.
         self._store = SqliteStore(
             config.db_path,
             busy_timeout_ms=config.busy_timeout_ms,
