@@ -3,10 +3,13 @@ small worker pool over gRPC. Every activation's fate is checked; restarts lose n
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.request
 import uuid
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
@@ -197,21 +200,34 @@ def broker_args(
 ) -> tuple[list[str], str, str, str]:
     topic, dlq = kafka_topics(partitions=2)
     grpc_port = free_port()
-    args = [
+    args = run_args(kafka, topic, dlq, tmp_path / "broker.sqlite", grpc_port)
+    return args, f"127.0.0.1:{grpc_port}", topic, dlq
+
+
+def run_args(
+    kafka: EmbeddedKafka,
+    topic: str,
+    dlq: str,
+    db_path: Path,
+    grpc_port: int,
+    metrics_port: int = 0,
+) -> list[str]:
+    """`taskbroker run` flags for a broker in the topic's group, on its own file and ports."""
+    return [
         "--kafka", kafka.bootstrap,
-        "--db", str(tmp_path / "broker.sqlite"),
+        "--db", str(db_path),
         "--grpc-port", str(grpc_port),
-        "--metrics-port", "0",
+        "--metrics-port", str(metrics_port),
         "--set", f"kafka_topic={topic}",
         "--set", f"kafka_deadletter_topic={dlq}",
         "--set", f"kafka_consumer_group=group-{topic}",
         "--set", "kafka_auto_offset_reset=earliest",
         "--set", "grpc_addr=127.0.0.1",
+        "--set", "metrics_addr=127.0.0.1",
         "--set", "processing_deadline_grace_sec=0",
         "--set", "upkeep_task_interval_ms=200",
         "--set", "upkeep_deadline_reset_skip_after_startup_sec=0",
     ]  # fmt: skip
-    return args, f"127.0.0.1:{grpc_port}", topic, dlq
 
 
 def settled(scenario: Scenario, ledger: Ledger) -> bool:
@@ -307,6 +323,68 @@ def test_a_restart_in_the_middle_of_the_load_loses_nothing(
         assert broker.stop() == 0, broker.log
     with capsys.disabled():
         print(f"\n{'SIGKILL' if crash else 'SIGTERM'} restart: {duplicates} duplicate executions")
+
+
+def assigned_partitions(metrics_port: int) -> int:
+    """How many partitions the broker's consumer holds, as its /status last saw them."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/status", timeout=5) as page:
+            status = json.load(page)
+    except OSError:
+        return 0
+    return int(status["headline"].get("kafka_assigned_partitions", 0))
+
+
+def test_two_brokers_in_one_group_split_the_partitions_and_run_every_task_once(
+    kafka: EmbeddedKafka, kafka_topics: TopicFactory, tmp_path: Path
+) -> None:
+    partitions = 4
+    topic, dlq = kafka_topics(partitions=partitions)
+    with ExitStack() as stack:
+        brokers: list[tuple[BrokerProcess, str, int]] = []
+        for name in ("a", "b"):
+            grpc_port, metrics_port = free_port(), free_port()
+            args = run_args(kafka, topic, dlq, tmp_path / f"{name}.sqlite", grpc_port, metrics_port)
+            broker = stack.enter_context(BrokerProcess(args, tmp_path / f"{name}.log"))
+            broker.start()
+            brokers.append((broker, f"127.0.0.1:{grpc_port}", metrics_port))
+
+        def split() -> bool:
+            held = [assigned_partitions(metrics_port) for _, _, metrics_port in brokers]
+            return sum(held) == partitions and min(held) > 0
+
+        # Produced only once the group is stable: a rebalance with records in flight is the
+        # revoke path's business, not this test's.
+        wait_for(split, RUN_TIMEOUT_S, "both brokers to hold partitions")
+        producer = KafkaProducer(ProducerConfig(bootstrap_servers=kafka.bootstrap))
+        ids = {f"split-{uuid.uuid4().hex[:10]}" for _ in range(300)}
+        values = {
+            i: encode_activation(activation_id=i, namespace="e2e", taskname="ok") for i in ids
+        }
+        report = producer.produce_many(
+            [OutgoingMessage(i, topic, value) for i, value in values.items()], timeout_s=30
+        )
+        producer.close(timeout_s=5)
+        assert report.all_acknowledged, report.failed
+
+        ledgers = [Ledger() for _ in brokers]
+        with ExitStack() as workers:
+            for (_, target, _), ledger in zip(brokers, ledgers, strict=True):
+                workers.enter_context(Workers(target, ledger, threads=2))
+            wait_for(
+                lambda: set().union(*(ledger.completed for ledger in ledgers)) == ids,
+                RUN_TIMEOUT_S,
+                "every task completed by one broker or the other",
+            )
+            time.sleep(0.5)  # room for a second hand-out to show
+        claimed = [set(ledger.handed_out) for ledger in ledgers]
+        assert all(claimed), f"a broker handed out nothing: {[len(c) for c in claimed]}"
+        assert not claimed[0] & claimed[1], "both brokers handed out the same task"
+        assert claimed[0] | claimed[1] == ids
+        runs = {i: len(times) for ledger in ledgers for i, times in ledger.handed_out.items()}
+        assert set(runs.values()) == {1}, "a task ran more than once"
+        for broker, _, _ in brokers:
+            assert broker.stop() == 0, broker.log
 
 
 def produce_acknowledged(kafka: EmbeddedKafka, topic: str, activation_id: str) -> float:
