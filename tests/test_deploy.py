@@ -1,8 +1,11 @@
 """The files in deploy/: each parses, they agree with the configuration schema and with each
 other (ports, paths, environment), and every metric the dashboard and the alert rules use
-exists on a running broker's /metrics. The push-delivery examples (docker-compose.push.yml,
-Dockerfile.push-worker, push_app.py, kubernetes-push/) map every application to a worker
-service that exists, on the port its worker listens on, and run the pinned push worker.
+exists on a running broker's /metrics. Compose and Kubernetes run several brokers of one
+consumer group, each on its own volume and ports, every one reachable at the addresses the
+workers are given, and the disruption budget lets one go at a time. The push-delivery
+examples (docker-compose.push.yml, Dockerfile.push-worker, push_app.py, kubernetes-push/)
+give each broker its own pool: they map every application to a worker service that exists,
+on the port its worker listens on, and run the pinned push worker.
 Docker and kubectl are not run: the files are read as data."""
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import yaml
 
 from actors import config as configuration
 from actors.config import ENV_PREFIX, Config, DeliveryMode
-from actors.embedded_kafka import EmbeddedKafka
+from actors.embedded_kafka import EmbeddedKafka, free_port
 from tests import client_venv
 from tests.ops_support import (
     NAMESPACE,
@@ -68,6 +71,61 @@ def kubernetes(kind: str, folder: str = "kubernetes") -> dict[str, Any]:
 def compose_service(name: str, file: str = "docker-compose.yml") -> dict[str, Any]:
     service: dict[str, Any] = yaml_documents(file)[0]["services"][name]
     return service
+
+
+BROKER_BUILD = {"context": "..", "dockerfile": "deploy/Dockerfile"}
+
+
+def compose_brokers() -> dict[str, dict[str, Any]]:
+    """The compose services that run the broker: the broker image with its own command (no
+    `command`, no `entrypoint`), by name."""
+    services: dict[str, dict[str, Any]] = yaml_documents("docker-compose.yml")[0]["services"]
+    builders = [name for name, service in services.items() if "build" in service]
+    images = {
+        services[name]["image"] for name in builders if services[name]["build"] == BROKER_BUILD
+    }
+    assert len(images) == 1, f"the broker image is built by {builders}"
+    return {
+        name: service
+        for name, service in services.items()
+        if service.get("image") in images and not {"command", "entrypoint"} & service.keys()
+    }
+
+
+def published_ports(service: dict[str, Any]) -> dict[int, int]:
+    """host port -> container port of a compose service's `ports`."""
+    published = {}
+    for mapping in service.get("ports", []):
+        host, _, container = str(mapping).rpartition(":")
+        published[int(host)] = int(container)
+    return published
+
+
+def load_worker() -> ModuleType:
+    """deploy/worker.py as a module: its address parser and broker rotation."""
+    spec = importlib.util.spec_from_file_location("deploy_worker", DEPLOY / "worker.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def worker_brokers(environment: dict[str, str]) -> list[tuple[str, int]]:
+    """(host, port) of every broker a demo worker is given, read as worker.py reads it."""
+    addresses: list[str] = load_worker().parse_brokers(environment["WORKER_BROKERS"])
+    assert len(set(addresses)) == len(addresses), addresses
+    return [(host, int(port)) for host, _, port in (a.rpartition(":") for a in addresses)]
+
+
+def voluntary_disruptions(budget: dict[str, Any], replicas: int) -> int:
+    """How many of `replicas` pods a PodDisruptionBudget lets go at once (integer forms)."""
+    spec = budget["spec"]
+    bound = spec.get("maxUnavailable", spec.get("minAvailable"))
+    if not isinstance(bound, int):
+        pytest.fail(f"only integer budgets are checked here: {spec}")
+    allowed = bound if "maxUnavailable" in spec else replicas - bound
+    return max(0, min(allowed, replicas))
 
 
 class Dockerfile:
@@ -184,20 +242,64 @@ def env_config(environment: dict[str, str], base: Path | None = None) -> Config:
 def test_compose_broker_environment_ports_and_volume_match_the_config(
     image_config: Config,
 ) -> None:
-    broker = compose_service("taskbroker")
-    environment = broker["environment"]
-    assert all(key.startswith(ENV_PREFIX) for key in environment)
-    config = env_config(environment, DEPLOY / "config.toml")
-    assert config.kafka_cluster == "kafka:9092"
-    assert config.kafka_topic == "taskworker"
+    for name, broker in compose_brokers().items():
+        environment = broker["environment"]
+        assert all(key.startswith(ENV_PREFIX) for key in environment)
+        config = env_config(environment, DEPLOY / "config.toml")
+        assert config.kafka_cluster == "kafka:9092"
+        assert config.kafka_topic == "taskworker"
 
-    container_ports = {int(mapping.split(":")[-1]) for mapping in broker["ports"]}
-    assert container_ports == {config.grpc_port, config.metrics_port}
-    mounts = {volume.split(":")[1] for volume in broker["volumes"]}
-    assert str(PurePosixPath(config.db_path).parent) in mounts
-    assert broker["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
-    grace_s = _duration_s(broker["stop_grace_period"])
-    assert grace_s > (config.shutdown_timeout_ms + config.grpc_shutdown_grace_ms) / 1000
+        container_ports = set(published_ports(broker).values())
+        assert container_ports == {config.grpc_port, config.metrics_port}, name
+        mounts = {volume.split(":")[1] for volume in broker["volumes"]}
+        assert str(PurePosixPath(config.db_path).parent) in mounts, name
+        grace_s = _duration_s(broker["stop_grace_period"])
+        assert grace_s > (config.shutdown_timeout_ms + config.grpc_shutdown_grace_ms) / 1000
+        assert broker["restart"] == "unless-stopped", "a broker comes back on its own file"
+
+
+def test_compose_runs_several_brokers_of_one_group_each_with_its_own_volume_and_ports() -> None:
+    document = yaml_documents("docker-compose.yml")[0]
+    brokers = compose_brokers()
+    assert len(brokers) >= 2
+    assert sorted(brokers) == [f"taskbroker-{ordinal}" for ordinal in range(len(brokers))]
+    assert [b.get("build") for b in brokers.values()].count(BROKER_BUILD) == 1  # built once
+
+    configs = {
+        name: env_config(broker["environment"], DEPLOY / "config.toml")
+        for name, broker in brokers.items()
+    }
+    assert (
+        len({(c.kafka_cluster, c.kafka_topic, c.kafka_consumer_group) for c in configs.values()})
+        == 1
+    )
+
+    # Each broker's database directory on a named volume of its own, none shared.
+    data_volumes = []
+    for name, broker in brokers.items():
+        data_dir = str(PurePosixPath(configs[name].db_path).parent)
+        [source] = [v.split(":")[0] for v in broker["volumes"] if v.split(":")[1] == data_dir]
+        assert source in document["volumes"], f"{name}: {source} is not a named volume"
+        data_volumes.append(source)
+    every_source = [
+        v.split(":")[0]
+        for service in document["services"].values()
+        for v in service.get("volumes", [])
+    ]
+    for source in data_volumes:
+        assert every_source.count(source) == 1, f"{source} is mounted more than once"
+
+    # Host ports: each broker publishes both of its own, and no two services share one.
+    host_ports = [port for s in document["services"].values() for port in published_ports(s)]
+    assert len(set(host_ports)) == len(host_ports), host_ports
+    for name, broker in brokers.items():
+        assert len(published_ports(broker)) == 2, name
+
+
+def test_compose_topic_has_more_partitions_than_brokers() -> None:
+    script = " ".join(compose_service("kafka-init")["command"])
+    [partitions] = {int(n) for n in re.findall(r"--partitions[ =](\d+)", script)}
+    assert partitions > len(compose_brokers())
 
 
 def test_compose_kafka_topics_workers_and_monitoring_are_wired_together(
@@ -211,17 +313,23 @@ def test_compose_kafka_topics_workers_and_monitoring_are_wired_together(
     for topic in (image_config.kafka_topic, image_config.kafka_deadletter_topic):
         assert topic in topics_script
 
+    brokers = compose_brokers()
     worker = services["worker"]
-    assert worker["environment"]["WORKER_BROKER"] == f"taskbroker:{image_config.grpc_port}"
     assert not any(key.startswith(ENV_PREFIX) for key in worker["environment"])
-    assert worker["deploy"]["replicas"] >= 2
+    # Every broker, at its gRPC port inside the compose network, and nothing else.
+    assert sorted(worker_brokers(worker["environment"])) == sorted(
+        (name, env_config(broker["environment"], DEPLOY / "config.toml").grpc_port)
+        for name, broker in brokers.items()
+    )
+    assert set(worker["depends_on"]) == set(brokers)
+    assert worker["deploy"]["replicas"] >= len(brokers)
     assert "/opt/taskbroker/worker.py" in worker["entrypoint"]
     produce = services["demo-tasks"]["command"]
     assert f"--topic={image_config.kafka_topic}" in produce
 
     prometheus = yaml_documents("prometheus/prometheus.yml")[0]
     targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert targets == [f"taskbroker:{image_config.metrics_port}"]
+    assert sorted(targets) == sorted(f"{name}:{image_config.metrics_port}" for name in brokers)
     mounted = {v.split(":")[1] for v in services["prometheus"]["volumes"]}
     assert set(prometheus["rule_files"]) <= mounted
 
@@ -295,7 +403,6 @@ def test_service_is_headless_and_selectors_match_the_pods() -> None:
         budget["spec"]["selector"]["matchLabels"],
     ):
         assert selector.items() <= pod_labels.items()
-    assert budget["spec"]["maxUnavailable"] == 1
     container_ports = {
         p["name"] for p in statefulset["spec"]["template"]["spec"]["containers"][0]["ports"]
     }
@@ -304,6 +411,91 @@ def test_service_is_headless_and_selectors_match_the_pods() -> None:
     assert sorted(listed) == sorted(
         p.name for p in (DEPLOY / "kubernetes").glob("*.yaml") if p.name != "kustomization.yaml"
     )
+
+
+def test_statefulset_runs_several_brokers_each_on_a_claim_of_its_own() -> None:
+    statefulset = kubernetes("StatefulSet")
+    assert statefulset["spec"]["replicas"] >= 2
+    [template] = statefulset["spec"]["volumeClaimTemplates"]  # one claim per pod, per template
+    assert template["spec"]["accessModes"] == ["ReadWriteOnce"]  # never shared by two brokers
+    assert template["spec"]["resources"]["requests"]["storage"]
+    volumes = statefulset["spec"]["template"]["spec"]["volumes"]
+    assert template["metadata"]["name"] not in {v["name"] for v in volumes}
+    assert not manifests("PersistentVolumeClaim"), "a claim of its own per pod, no shared one"
+    env = statefulset["spec"]["template"]["spec"]["containers"][0].get("env", [])
+    assert f"{ENV_PREFIX}DB_PATH" not in {e["name"] for e in env}  # each pod its own mount
+
+
+def pull_worker_deployments(folder: str = "kubernetes") -> list[dict[str, Any]]:
+    """The Deployments that run the demo pull worker (they set WORKER_BROKERS)."""
+    return [
+        deployment
+        for deployment in manifests("Deployment", folder)
+        if any(
+            e["name"] == "WORKER_BROKERS"
+            for c in deployment["spec"]["template"]["spec"]["containers"]
+            for e in c.get("env", [])
+        )
+    ]
+
+
+def test_kubernetes_workers_are_given_every_broker_pod_by_its_stable_name(
+    configmap_config: Config, dockerfile: Dockerfile
+) -> None:
+    statefulset = kubernetes("StatefulSet")
+    service = kubernetes("Service")
+    assert service["spec"]["clusterIP"] == "None"  # a DNS name per pod
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    pods = [
+        f"{statefulset['metadata']['name']}-{n}" for n in range(statefulset["spec"]["replicas"])
+    ]
+    broker_selectors = [
+        service["spec"]["selector"],
+        statefulset["spec"]["selector"]["matchLabels"],
+        kubernetes("PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+    ]
+    broker_container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    grpc_ports = {p["containerPort"] for p in broker_container["ports"] if p["name"] == "grpc"}
+    assert grpc_ports == {configmap_config.grpc_port}
+
+    [deployment] = pull_worker_deployments()
+    pod = deployment["spec"]["template"]
+    [container] = pod["spec"]["containers"]
+    environment = {e["name"]: e["value"] for e in container["env"]}
+    assert sorted(worker_brokers(environment)) == sorted(
+        (f"{name}.{service['metadata']['name']}", configmap_config.grpc_port) for name in pods
+    )
+    assert not any(key.startswith(ENV_PREFIX) for key in environment)
+    # worker.py from the broker's image, where the Dockerfile puts it.
+    assert container["image"] == broker_container["image"]
+    copies = [shlex.split(line)[-2:] for line in dockerfile.final_stage().all("COPY")]
+    [worker_path] = [destination for source, destination in copies if source == "deploy/worker.py"]
+    assert container["command"] == ["python", worker_path]
+    for selector in broker_selectors:  # the brokers' Service and budget take no worker
+        assert not selector.items() <= pod["metadata"]["labels"].items()
+    assert (
+        deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    )
+    assert deployment["spec"]["replicas"] >= len(pods)
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def push_overlay_replicas() -> dict[str, int]:
+    """The overlay's replica counts by name (kustomize `replicas:`)."""
+    kustomization = yaml_documents(f"{PUSH_KUBERNETES}/kustomization.yaml")[0]
+    return {r["name"]: r["count"] for r in kustomization.get("replicas", [])}
+
+
+def test_the_disruption_budget_lets_one_broker_go_and_keeps_the_others() -> None:
+    statefulset = kubernetes("StatefulSet")
+    budget = kubernetes("PodDisruptionBudget")
+    name = statefulset["metadata"]["name"]
+    for where, replicas in (
+        ("kubernetes", statefulset["spec"]["replicas"]),
+        (PUSH_KUBERNETES, push_overlay_replicas().get(name, statefulset["spec"]["replicas"])),
+    ):
+        allowed = voluntary_disruptions(budget, replicas)
+        assert 1 <= allowed < replicas, f"{where}: {allowed} of {replicas} brokers may go"
 
 
 def test_image_and_configmap_configs_agree_on_what_the_files_rely_on(
@@ -385,37 +577,44 @@ def test_push_worker_image_runs_the_pinned_client_push_worker(
     assert push_worker_image.all("STOPSIGNAL") == ["SIGTERM"]
 
 
-def test_compose_push_override_maps_the_demo_application_to_its_push_workers(
+def test_compose_push_override_gives_each_broker_its_own_pool_of_push_workers(
     push_worker_image: Dockerfile,
 ) -> None:
     base = yaml_documents("docker-compose.yml")[0]["services"]
     override = yaml_documents(PUSH_COMPOSE)[0]["services"]
-    assert set(override) - set(base) == {"push-worker"}
-
-    broker_env = {
-        **compose_service("taskbroker")["environment"],
-        **compose_service("taskbroker", PUSH_COMPOSE)["environment"],
-    }
-    assert all(key.startswith(ENV_PREFIX) for key in broker_env)
-    config = env_config(broker_env, DEPLOY / "config.toml")
-    assert config.delivery_mode is DeliveryMode.PUSH
-
-    for application, host, port in endpoints(config):
-        worker = override[host]
-        assert "entrypoint" not in worker  # the image's: the pinned worker on its port
-        assert worker["build"] == {"context": ".", "dockerfile": PUSH_DOCKERFILE}
-        command = worker_command(push_worker_image, worker["command"])
-        assert int(option(command, "--grpc-port") or 0) == port, application
-        assert option(command, "--broker-service") == f"taskbroker:{config.grpc_port}"
-        assert worker["deploy"]["replicas"] >= 1
-        # Signing, when the broker has it, with the same secret on both sides.
-        assert worker.get("environment", {}).get(WORKER_SECRET_ENV) == broker_env.get(
-            BROKER_SECRET_ENV
-        )
+    brokers = compose_brokers()
+    pools = set(override) - set(base)
+    assert len(pools) == len(brokers)  # one pool per broker
+    [builder] = [name for name in pools if "build" in override[name]]  # the image, built once
+    assert override[builder]["build"] == {"context": ".", "dockerfile": PUSH_DOCKERFILE}
 
     produce = compose_service("demo-tasks", PUSH_COMPOSE)["command"]
-    assert option(produce, "--application") in config.worker_map
-    assert option(produce, "--topic") == config.kafka_topic
+    served = set()
+    for name, broker in brokers.items():
+        broker_env = {**broker["environment"], **override[name]["environment"]}
+        assert all(key.startswith(ENV_PREFIX) for key in broker_env)
+        config = env_config(broker_env, DEPLOY / "config.toml")
+        assert config.delivery_mode is DeliveryMode.PUSH
+        assert option(produce, "--application") in config.worker_map
+        assert option(produce, "--topic") == config.kafka_topic
+
+        for application, host, port in endpoints(config):
+            worker = override[host]
+            assert "entrypoint" not in worker  # the image's: the pinned worker on its port
+            assert worker["image"] == override[builder]["image"]
+            command = worker_command(push_worker_image, worker["command"])
+            assert int(option(command, "--grpc-port") or 0) == port, application
+            # Results go back to the broker that pushed: a pool serves one broker.
+            assert option(command, "--broker-service") == f"{name}:{config.grpc_port}"
+            assert host not in served, f"{host} serves two brokers"
+            served.add(host)
+            assert worker["deploy"]["replicas"] >= 1
+            # Signing, when the broker has it, with the same secret on both sides.
+            assert worker.get("environment", {}).get(WORKER_SECRET_ENV) == broker_env.get(
+                BROKER_SECRET_ENV
+            )
+    assert served == pools
+
     # The base's demo tasks, for that application.
     unchanged = [a for a in produce if not a.startswith("--application=")]
     assert unchanged == compose_service("demo-tasks")["command"]
@@ -477,7 +676,9 @@ def test_kubernetes_push_overlay_gives_each_broker_pod_its_own_pool_of_push_work
         statefulset = json_patched(
             statefulset, yaml_documents(f"{PUSH_KUBERNETES}/{patch['path']}")[0]
         )
-    counts = {r["name"]: r["count"] for r in kustomization.get("replicas", [])}
+    counts = push_overlay_replicas()
+    for pull_workers in pull_worker_deployments():  # GetTask is refused in push mode
+        assert counts.get(pull_workers["metadata"]["name"]) == 0
     name = statefulset["metadata"]["name"]
     replicas = counts.get(name, statefulset["spec"]["replicas"])
     broker_service = kubernetes("Service")
@@ -524,7 +725,11 @@ def test_kubernetes_push_overlay_gives_each_broker_pod_its_own_pool_of_push_work
             [container] = pod["spec"]["containers"]
             assert "command" not in container  # the image's ENTRYPOINT: the pinned worker
             # The image that docker-compose.push.yml builds (the tags differ, as the broker's).
-            image = compose_service("push-worker", PUSH_COMPOSE)["image"]
+            [image] = {
+                service["image"]
+                for service in yaml_documents(PUSH_COMPOSE)[0]["services"].values()
+                if service.get("build", {}).get("dockerfile") == PUSH_DOCKERFILE
+            }
             assert container["image"].partition(":")[0] == image.partition(":")[0]
             command = worker_command(push_worker_image, container["args"])
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -587,6 +792,49 @@ def test_the_demo_app_serves_the_produced_tasks_in_the_pinned_client(
     assert json.loads(secret) == ["new", "old"]
 
 
+# --- the demo worker's choice of broker, without a broker ---------------------------------------
+
+
+def test_worker_broker_addresses_are_a_comma_separated_list() -> None:
+    worker = load_worker()
+    assert worker.parse_brokers(" a:1, b:2 ,,") == ["a:1", "b:2"]
+    with pytest.raises(ValueError, match="WORKER_BROKERS"):
+        worker.parse_brokers(" , ")
+
+
+def test_worker_moves_on_after_a_miss_and_after_its_share_of_tasks() -> None:
+    rotation = load_worker().Rotation(["a:1", "b:1", "c:1"], start=4, rebalance_after=2)
+    assert rotation.current == "b:1"
+    rotation.took()
+    assert not rotation.due
+    rotation.took()
+    assert rotation.due  # fetch no next task from b: report, then move on
+    rotation.move_on(missed=False)
+    assert (rotation.current, rotation.due, rotation.idle) == ("c:1", False, False)
+    rotation.move_on(missed=True)  # c had nothing
+    assert rotation.current == "a:1"
+    assert "a:1" in repr(rotation)
+
+
+def test_worker_rests_only_after_a_whole_round_of_brokers_had_nothing() -> None:
+    rotation = load_worker().Rotation(["a:1", "b:1"], start=0, rebalance_after=32)
+    rotation.move_on(missed=True)
+    assert not rotation.idle  # b may have tasks
+    rotation.move_on(missed=True)
+    assert rotation.idle
+    assert rotation.current == "a:1"
+    rotation.took()
+    assert not rotation.idle
+
+
+def test_a_worker_of_one_broker_never_moves_away_from_it() -> None:
+    rotation = load_worker().Rotation(["a:1"], start=0, rebalance_after=1)
+    rotation.took()
+    assert not rotation.due
+    rotation.move_on(missed=True)
+    assert (rotation.current, rotation.idle) == ("a:1", True)
+
+
 # --- metric names against a running broker --------------------------------------------------------
 
 
@@ -641,15 +889,6 @@ def test_every_metric_in_the_dashboard_and_alerts_exists_on_a_running_broker(
     assert len(alerts) >= 8
 
 
-def load_worker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("deploy_worker", DEPLOY / "worker.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.kafka
 @pytest.mark.slow
 def test_the_demo_worker_completes_tasks_on_a_running_broker(
@@ -659,8 +898,11 @@ def test_the_demo_worker_completes_tasks_on_a_running_broker(
     worker = load_worker()
     stopping = threading.Event()
     completed: list[int] = []
+    # A broker that is away first: the worker moves on to the one that answers, and comes
+    # back to the away one every `REBALANCE_AFTER` tasks, and finishes every task all the same.
+    brokers = [f"127.0.0.1:{free_port()}", running.grpc_target]
     thread = threading.Thread(
-        target=lambda: completed.append(worker.run(running.grpc_target, NAMESPACE, 0.0, stopping)),
+        target=lambda: completed.append(worker.run(brokers, NAMESPACE, 0.0, stopping, start=0)),
         name="demo-worker",
     )
     thread.start()
