@@ -16,6 +16,12 @@ that message: it seeks its partition back to it, pauses that partition for
 `dlq_retry_backoff_ms` and then reads it again. Skipping it would lose it; stopping the
 whole consumer would stall the partitions that are fine.
 
+A rebalance takes partitions away inside a fetch (librdkafka runs the revoke on this
+thread). The consumer then commits, synchronously, every durable offset of them Kafka has
+not acknowledged, and drops what it read of them but did not hand over: the batch, an
+`Ingest` the state refused, a message fetched before the revoke. What the state took stays
+with it and finishes on this broker's file; the next owner reads on from the commit.
+
 The logic lives in plain classes (`IngestBatch`, `CommitTracker`, and `PauseState`, which
 takes `now` as an argument); the actor is the adapter around the confluent-kafka
 client, and the one place where its errors become `KafkaUnavailable`.
@@ -27,7 +33,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -208,38 +214,69 @@ class IngestBatch:
         self._bytes = 0
         return ingest
 
+    def drop(self, partitions: Collection[Partition]) -> None:
+        """Forget what was added of `partitions`."""
+        self._records = [r for r in self._records if r.partition not in partitions]
+        self._offsets = {p: o for p, o in self._offsets.items() if p not in partitions}
+        self._bytes = sum(len(record.activation) for record in self._records)
+
     def _advance(self, partition: Partition, offset: Offset) -> None:
         self._offsets[partition] = max(offset, self._offsets.get(partition, offset))
 
 
+def without_partitions(ingest: Ingest, partitions: Collection[Partition]) -> Ingest | None:
+    """`ingest` less the records and offsets of `partitions`; None when nothing is left."""
+    offsets = tuple(o for o in ingest.offsets if o.partition not in partitions)
+    if not offsets:
+        return None
+    records = tuple(r for r in ingest.records if r.partition not in partitions)
+    return Ingest(records, offsets)
+
+
 class CommitTracker:
-    """Which offsets are durable, and which of those Kafka has not been asked to commit.
+    """Which offsets are durable, which of those Kafka was asked to commit, and which it
+    acknowledged, for the partitions this consumer read since they were assigned to it.
 
     Offsets here are the highest offset covered (as in `KafkaOffset`); Kafka is sent
     offset + 1, the next one to consume.
     """
 
     def __init__(self) -> None:
+        self._first_read: dict[Partition, Offset] = {}
         self._durable: dict[Partition, Offset] = {}
         self._committed: dict[Partition, Offset] = {}
+        self._acknowledged: dict[Partition, Offset] = {}
 
     def __repr__(self) -> str:
-        return f"<CommitTracker durable={self._durable} committed={self._committed}>"
+        return (
+            f"<CommitTracker first_read={self._first_read} durable={self._durable} "
+            f"committed={self._committed} acknowledged={self._acknowledged}>"
+        )
+
+    def read_at(self, partition: Partition, offset: Offset) -> None:
+        """A message of `partition` at `offset` was read; the first one since the partition
+        was assigned is where this ownership of it starts."""
+        self._first_read.setdefault(partition, offset)
 
     def persisted(self, offsets: Iterable[KafkaOffset]) -> None:
         for item in offsets:
+            first = self._first_read.get(item.partition)
+            if first is None or item.offset < first:
+                # Records of an earlier ownership, flushed late: a later owner may have
+                # committed past them, and committing them would move the group back.
+                continue
             self._durable[item.partition] = max(
                 item.offset, self._durable.get(item.partition, item.offset)
             )
 
     def uncommitted(self, partitions: Iterable[Partition]) -> dict[Partition, Offset]:
         """The durable offsets among `partitions` that are ahead of their last commit."""
-        found: dict[Partition, Offset] = {}
-        for partition in partitions:
-            durable = self._durable.get(partition)
-            if durable is not None and durable > self._committed.get(partition, -1):
-                found[partition] = durable
-        return found
+        return self._ahead_of(self._committed, partitions)
+
+    def unacknowledged(self, partitions: Iterable[Partition]) -> dict[Partition, Offset]:
+        """The durable offsets among `partitions` that Kafka has not acknowledged: sent
+        or not, they must be committed before the partitions go."""
+        return self._ahead_of(self._acknowledged, partitions)
 
     def committing(self, offsets: Mapping[Partition, Offset]) -> None:
         """A commit of `offsets` was sent; they are not offered again unless it fails."""
@@ -250,15 +287,29 @@ class CommitTracker:
         if self._committed.get(partition) == offset:
             del self._committed[partition]
 
+    def acknowledged(self, partition: Partition, offset: Offset) -> None:
+        if partition in self._first_read:  # else a commit of an ownership that has ended
+            self._acknowledged[partition] = max(offset, self._acknowledged.get(partition, offset))
+
     def forget(self, partitions: Iterable[Partition]) -> None:
         """The partitions left this consumer: a later owner's commits are not ours to redo."""
         for partition in partitions:
-            self._durable.pop(partition, None)
-            self._committed.pop(partition, None)
+            for offsets in (self._first_read, self._durable, self._committed, self._acknowledged):
+                offsets.pop(partition, None)
 
     def committed(self) -> dict[Partition, int]:
         """The last offset sent per partition, as Kafka counts it (next to consume)."""
         return {partition: offset + 1 for partition, offset in self._committed.items()}
+
+    def _ahead_of(
+        self, done: Mapping[Partition, Offset], partitions: Iterable[Partition]
+    ) -> dict[Partition, Offset]:
+        found: dict[Partition, Offset] = {}
+        for partition in partitions:
+            durable = self._durable.get(partition)
+            if durable is not None and durable > done.get(partition, -1):
+                found[partition] = durable
+        return found
 
 
 class PauseState:
@@ -360,6 +411,8 @@ class KafkaConsumer(BrokerActor):
         self._pauses = PauseState()
         self._assigned: set[Partition] = set()
         self._paused: set[Partition] = set()
+        # Revokes and losses so far: `_fetch` tells by it whether one ran inside a fetch.
+        self._departures = 0
         self._poll_scheduled = False
         self._commit_retry_at: float | None = None
         self._consumed = 0
@@ -396,9 +449,10 @@ class KafkaConsumer(BrokerActor):
         self.release()
 
     def release(self) -> None:
-        self._commit_durable(self._assigned, asynchronous=False)
+        self._commit(self._commits.unacknowledged(self._assigned), asynchronous=False)
         try:
-            # Leaves the group at once, so its partitions move without a session timeout.
+            # Leaves the group at once, so its partitions move without a session timeout;
+            # the revoke it runs finds nothing left to commit.
             self._consumer.close()
         except (KafkaException, RuntimeError) as exc:
             logger.warning("closing the Kafka consumer failed: %s", exc)
@@ -417,7 +471,7 @@ class KafkaConsumer(BrokerActor):
                 self._poll_slice()
             case Persisted(offsets):
                 self._commits.persisted(offsets)
-                self._commit_durable(self._assigned, asynchronous=True)
+                self._commit(self._commits.uncommitted(self._assigned), asynchronous=True)
             case IngestBackpressure(pause):
                 if pause != self._pauses.backpressure:
                     logger.info(
@@ -462,7 +516,7 @@ class KafkaConsumer(BrokerActor):
             self._deliver(self._undelivered)
         if self._commit_retry_at is not None and self._commit_retry_at <= now:
             self._commit_retry_at = None
-            self._commit_durable(self._assigned, asynchronous=True)
+            self._commit(self._commits.uncommitted(self._assigned), asynchronous=True)
         try:
             messages = self._fetch()
         except KafkaException as exc:
@@ -489,7 +543,14 @@ class KafkaConsumer(BrokerActor):
             return []
         if most == 1:
             return [first]
-        return [first, *consumer.consume(num_messages=most - 1, timeout=0)]
+        departures = self._departures
+        rest = consumer.consume(num_messages=most - 1, timeout=0)
+        if self._departures != departures:
+            # `first` was read under the assignment this consume revoked (librdkafka
+            # drops such messages from its own queue, not from ours): its partition may be
+            # another member's now, or it came back and is read again from the commit.
+            return rest
+        return [first, *rest]
 
     def _take(self, message: Message, wall_now: float) -> None:
         error = message.error()
@@ -502,6 +563,7 @@ class KafkaConsumer(BrokerActor):
                 f"the Kafka client returned a message without a position: {message}"
             )
         partition, offset = Partition(raw_partition), Offset(raw_offset)
+        self._commits.read_at(partition, offset)
         if self._pauses.held(partition, offset):
             return  # fetched before the seek back to the held dead letter
         self._consumed += 1
@@ -629,8 +691,7 @@ class KafkaConsumer(BrokerActor):
             raise KafkaUnavailable(f"pausing or resuming {topic} failed: {exc}") from exc
         self._paused = wanted
 
-    def _commit_durable(self, partitions: Iterable[Partition], *, asynchronous: bool) -> None:
-        offsets = self._commits.uncommitted(partitions)
+    def _commit(self, offsets: Mapping[Partition, Offset], *, asynchronous: bool) -> None:
         if not offsets:
             return
         topic = self._config.topic
@@ -654,6 +715,8 @@ class KafkaConsumer(BrokerActor):
         for result in results or ():
             if result.error is not None:
                 self._commit_failed(result)
+            else:
+                self._commit_acknowledged(result)
 
     def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if error is not None:
@@ -661,6 +724,11 @@ class KafkaConsumer(BrokerActor):
         for result in partitions:
             if error is not None or result.error is not None:
                 self._commit_failed(result)
+            else:
+                self._commit_acknowledged(result)
+
+    def _commit_acknowledged(self, result: TopicPartition) -> None:
+        self._commits.acknowledged(Partition(result.partition), Offset(result.offset - 1))
 
     def _commit_failed(self, result: TopicPartition) -> None:
         self._commit_failures += 1
@@ -680,10 +748,16 @@ class KafkaConsumer(BrokerActor):
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {Partition(tp.partition) for tp in partitions}
         logger.info("revoked %s partitions %s", self._config.topic, sorted(revoked))
-        # The state keeps these records and finishes them here; what is durable of
-        # them is committed before the partitions go.
-        self._send_batch()
-        self._commit_durable(revoked & self._assigned, asynchronous=False)
+        # Synchronously, async commits not yet answered included: the next owner starts
+        # from what the group holds when this callback returns.
+        self._commit(self._commits.unacknowledged(revoked), asynchronous=False)
+        # What a revoke costs: the records the state took that no finished flush covers
+        # (about one flush interval's arrivals plus the flush in flight; more while SQLite
+        # is slow). Their offsets are not committed, so the next owner reads them again
+        # and they run on both brokers, a duplicate the contract allows. Waiting here for
+        # their Persisted cannot work: this callback runs on this actor's thread, inside
+        # `consume`, and Persisted is a message in this actor's mailbox, served only after
+        # the callback returns; the wait could only time out.
         self._leave(revoked)
         consumer.unassign()
 
@@ -691,15 +765,23 @@ class KafkaConsumer(BrokerActor):
         lost = {Partition(tp.partition) for tp in partitions}
         # Another member may own them already; a commit now could rewind its progress.
         logger.warning("lost %s partitions %s", self._config.topic, sorted(lost))
-        self._send_batch()
         self._leave(lost)
         consumer.unassign()
 
     def _leave(self, partitions: set[Partition]) -> None:
+        self._departures += 1
         self._commits.forget(partitions)
         self._pauses.forget(partitions)
         self._assigned -= partitions
         self._paused -= partitions
+        # Read but not handed over: their offsets were never committed, so the next owner
+        # reads them, and handing them over now would run them twice.
+        self._batch.drop(partitions)
+        if self._undelivered is not None:
+            self._undelivered = without_partitions(self._undelivered, partitions)
+            # Blocked only while something of ours still waits: a refused Ingest of the
+            # partitions that left does not pause the next assignment.
+            self._pauses.ingest_blocked = self._undelivered is not None
 
     def _stats(self) -> ConsumerStats:
         return ConsumerStats(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from actors.activation import encode_activation
 from actors.consumer import (
@@ -29,17 +29,21 @@ from actors.consumer import (
     IngestBatch,
     KafkaConsumer,
     PauseState,
+    without_partitions,
 )
 from actors.embedded_kafka import EmbeddedKafka, free_port
-from actors.errors import ConfigError
+from actors.errors import ConfigError, MailboxFull
 from actors.messages import (
     Claim,
     Connect,
     ConsumerStats,
     ConsumerStatsQuery,
     Flush,
+    FlushDone,
     FlushFailed,
     Ingest,
+    IngestBackpressure,
+    Persisted,
     StateStats,
     Stats,
     WorkBatch,
@@ -63,6 +67,9 @@ _log = logging.getLogger(__name__)
 TIMEOUT_S = 10.0
 # A group join takes half the session timeout on Tansu before the first fetch.
 JOIN_TIMEOUT_S = 20.0
+# For the rebalance tests: a join then waits 0.5 s. At 300 ms sessions timed out between
+# heartbeats on this machine and members kept rejoining.
+SHORT_SESSION_MS = 1_000
 
 
 # --- Plain logic, no threads ---------------------------------------------------------
@@ -108,6 +115,8 @@ def test_batch_carries_the_offsets_of_skipped_messages() -> None:
 def test_commit_tracker_offers_durable_offsets_once_and_again_after_a_failure() -> None:
     tracker = CommitTracker()
     p0, p1 = Partition(0), Partition(1)
+    tracker.read_at(p0, Offset(0))
+    tracker.read_at(p1, Offset(0))
     assert tracker.uncommitted([p0, p1]) == {}
     tracker.persisted([KafkaOffset(p0, Offset(9)), KafkaOffset(p1, Offset(4))])
     tracker.persisted([KafkaOffset(p0, Offset(7))])  # an older report never moves back
@@ -127,6 +136,50 @@ def test_commit_tracker_offers_durable_offsets_once_and_again_after_a_failure() 
     tracker.forget([p0, p1])
     assert tracker.uncommitted([p0, p1]) == {}
     assert tracker.committed() == {}
+
+
+def test_commit_tracker_leaves_to_the_next_owner_what_an_earlier_ownership_reports() -> None:
+    tracker = CommitTracker()
+    p0 = Partition(0)
+    tracker.read_at(p0, Offset(10))
+    tracker.read_at(p0, Offset(30))  # ownership starts at the first read, not the latest
+    tracker.persisted([KafkaOffset(p0, Offset(20))])
+    tracker.committing({p0: Offset(20)})
+    # Sent but unanswered: a revoke must commit it again, synchronously.
+    assert tracker.uncommitted([p0]) == {}
+    assert tracker.unacknowledged([p0]) == {p0: 20}
+    tracker.acknowledged(p0, Offset(20))
+    assert tracker.unacknowledged([p0]) == {}
+
+    tracker.forget([p0])
+    # Revoked: a flush that ends late, or Kafka's answer to an old commit, is not ours.
+    tracker.persisted([KafkaOffset(p0, Offset(25))])
+    tracker.acknowledged(p0, Offset(25))
+    assert tracker.uncommitted([p0]) == {}
+    # Assigned again after another member read on to 40: an older report would rewind it.
+    tracker.read_at(p0, Offset(41))
+    tracker.persisted([KafkaOffset(p0, Offset(25))])
+    assert tracker.unacknowledged([p0]) == {}
+    tracker.persisted([KafkaOffset(p0, Offset(41))])
+    assert tracker.unacknowledged([p0]) == {p0: 41}
+
+
+def test_what_was_read_of_a_partition_that_left_is_dropped_before_the_state_has_it() -> None:
+    batch = IngestBatch(BatchLimits(max_len=2))
+    batch.add_record(make_record("a", partition=Partition(0), offset=Offset(1)))
+    batch.add_record(make_record("b", partition=Partition(1), offset=Offset(1)))
+    batch.add_skipped(Partition(1), Offset(2))
+    assert batch.full
+    batch.drop({Partition(1)})
+    assert not batch.full
+    ingest = batch.take()
+    assert [r.id for r in ingest.records] == ["a"]
+    assert ingest.offsets == (KafkaOffset(Partition(0), Offset(1)),)
+
+    assert without_partitions(ingest, {Partition(1)}) == ingest
+    assert without_partitions(ingest, {Partition(0)}) is None
+    skipped_only = Ingest((), (KafkaOffset(Partition(2), Offset(5)),))
+    assert without_partitions(skipped_only, {Partition(0)}) == skipped_only
 
 
 def test_pause_state_pauses_all_under_backpressure_and_one_partition_on_hold() -> None:
@@ -201,9 +254,12 @@ class Pipeline:
         return self.state
 
     def start_consumer(
-        self, dead_letters: KafkaProducer | None = None, **fields: Any
+        self,
+        dead_letters: KafkaProducer | None = None,
+        state: Collector | None = None,
+        **fields: Any,
     ) -> pykka.ActorRef[KafkaConsumer]:
-        assert self.state is not None
+        """A consumer of this pipeline's state actor, or of `state` standing in for it."""
         values: dict[str, Any] = {
             "bootstrap_servers": self.kafka.bootstrap,
             "topic": self.topic,
@@ -215,10 +271,13 @@ class Pipeline:
         }
         if dead_letters is None:
             dead_letters = KafkaProducer(ProducerConfig(bootstrap_servers=self.kafka.bootstrap))
+        target = state if state is not None else self.state
+        assert target is not None
         consumer = KafkaConsumer.start(
-            ConsumerConfig(**values), self.state, dead_letters, mailbox=MailboxConfig(size=1000)
+            ConsumerConfig(**values), target, dead_letters, mailbox=MailboxConfig(size=1000)
         )
-        self.state.tell(Connect(consumer=consumer))
+        if isinstance(target, pykka.ActorRef):
+            target.tell(Connect(consumer=consumer))
         return consumer
 
     def start_writer(self, consumer: pykka.ActorRef[KafkaConsumer]) -> None:
@@ -497,7 +556,7 @@ def test_a_rebalance_rereads_nothing_durable_and_records_stay_with_their_broker(
     old_ids, old_values = activations(100, "old")
     produce(first.kafka, first.topic, old_values)
     first_state = first.start_state()
-    first_consumer = first.start_consumer()
+    first_consumer = first.start_consumer(session_timeout_ms=SHORT_SESSION_MS)
     first.start_writer(first_consumer)
     ends = end_offsets(first.kafka, first.topic, 2, 100)
     wait_until(
@@ -507,7 +566,7 @@ def test_a_rebalance_rereads_nothing_durable_and_records_stay_with_their_broker(
     # A second broker joins the group: each ends with one partition, and the first one's
     # records stay with it (its SQLite file is its own).
     second_state = second.start_state()
-    second_consumer = second.start_consumer()
+    second_consumer = second.start_consumer(session_timeout_ms=SHORT_SESSION_MS)
     second.start_writer(second_consumer)
     wait_until(
         lambda: (
@@ -538,3 +597,218 @@ def test_a_rebalance_rereads_nothing_durable_and_records_stay_with_their_broker(
     assert not set(second_ids) & set(old_ids), "a durable, committed activation was read again"
     assert sorted(first_ids + second_ids) == sorted(old_ids + new_ids)
     assert second_ids, "the new member got no partition"
+
+
+# --- Revokes: a second member of the group takes the partition ----------------------
+
+
+class NewOwner:
+    """A second member of a pipeline's group: a plain client the test polls. Its client id
+    sorts before the broker's, and member ids start with the client id, so the range
+    assignor gives it partition 0."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.assigned: list[int] = []
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": pipe.kafka.bootstrap,
+                "group.id": pipe.group,
+                "client.id": "a-new-owner",
+                "session.timeout.ms": SHORT_SESSION_MS,
+                "heartbeat.interval.ms": SHORT_SESSION_MS // 3,
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "partition.assignment.strategy": "range,roundrobin",
+            },
+            logger=_log,
+        )
+        self._consumer.subscribe([pipe.topic], on_assign=self._on_assign)
+        self._read: list[Message] = []
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned = [tp.partition for tp in partitions]
+
+    def join(self) -> None:
+        """Poll until the group gave this member partition 0: the broker's revoke, and its
+        commit, are done by then (eager assignors revoke before they assign)."""
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while self.assigned != [0]:
+            assert time.monotonic() < deadline, "the new owner got no partition"
+            self._poll()
+
+    def read(self, count: int) -> list[Message]:
+        """The first `count` messages this member read, from where the group committed."""
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(self._read) < count:
+            assert time.monotonic() < deadline, f"read only {len(self._read)} of {count}"
+            self._poll()
+        return self._read[:count]
+
+    def close(self) -> None:
+        """Leave the group, so partition 0 goes back to the broker."""
+        self._consumer.close()
+
+    def _poll(self) -> None:
+        message = self._consumer.poll(0.05)
+        if message is not None:
+            assert message.error() is None, message.error()
+            self._read.append(message)
+
+
+@pytest.fixture
+def new_owner() -> Iterator[Callable[[Pipeline], NewOwner]]:
+    owners: list[NewOwner] = []
+
+    def create(pipe: Pipeline) -> NewOwner:
+        owners.append(NewOwner(pipe))
+        return owners[-1]
+
+    yield create
+    for owner in owners:
+        owner.close()
+
+
+class RefusingState(Collector):
+    """A state whose mailbox is full for `Ingest` while `refusing` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusing = False
+
+    def tell(self, message: object) -> None:
+        if self.refusing and isinstance(message, Ingest):
+            raise MailboxFull("the test's state refuses ingests")
+        super().tell(message)
+
+    def ingested_ids(self) -> list[str]:
+        return [r.id for m in self.messages if isinstance(m, Ingest) for r in m.records]
+
+
+def positions(messages: list[Message]) -> list[int | None]:
+    return [message.offset() for message in messages]
+
+
+def complete(
+    flush: Flush, state: pykka.ActorRef[StateActor], consumer: pykka.ActorRef[KafkaConsumer]
+) -> None:
+    """Answer `flush` as the writer does once it is durable."""
+    consumer.tell(Persisted(flush.offsets))
+    state.tell(FlushDone(flush.seq))
+
+
+@pytest.mark.kafka
+def test_a_revoke_during_a_flush_commits_what_is_durable_and_nothing_after(
+    pipeline: Callable[[int], Pipeline], new_owner: Callable[[Pipeline], NewOwner]
+) -> None:
+    pipe = pipeline(1)
+    state = pipe.start_state()
+    writer = Collector()  # answers only when the test says so
+    state.tell(Connect(writer=writer))
+    consumer = pipe.start_consumer(session_timeout_ms=SHORT_SESSION_MS)
+    ids, values = activations(15, "r")
+    produce(pipe.kafka, pipe.topic, values[:1])
+    wait_until(lambda: consumer_stats(consumer).ingested == 1, JOIN_TIMEOUT_S)
+    complete(writer.wait_for(Flush)[0], state, consumer)
+    wait_until(lambda: group_offsets(pipe.kafka, pipe.group, pipe.topic, 1) == [1])
+
+    produce(pipe.kafka, pipe.topic, values[1:10])
+    wait_until(lambda: consumer_stats(consumer).ingested == 10)
+    in_flight: Flush = writer.wait_for(Flush, 2)[1]
+    owner = new_owner(pipe)
+    owner.join()
+
+    # The revoke committed what was durable and not the flush still in flight.
+    assert group_offsets(pipe.kafka, pipe.group, pipe.topic, 1) == [1]
+    stats = consumer_stats(consumer)
+    assert (stats.assigned, stats.paused, stats.committed) == ((), (), {})
+    # The flush ends after the revoke: its offsets are the new owner's to commit.
+    complete(in_flight, state, consumer)
+    assert consumer_stats(consumer).committed == {}
+    assert group_offsets(pipe.kafka, pipe.group, pipe.topic, 1) == [1]
+
+    # The new owner starts at the commit and reads the records in flight again (they
+    # run twice: the cost of a revoke); the broker reads nothing more and keeps its own.
+    produce(pipe.kafka, pipe.topic, values[10:])
+    read = owner.read(14)
+    assert positions(read) == list(range(1, 15))
+    assert [m.value() for m in read] == values[1:]
+    assert consumer_stats(consumer).ingested == 10
+    assert pending(state) == 10
+    assert len(ids) == 15
+
+
+@pytest.mark.kafka
+def test_a_revoke_drops_a_refused_ingest_and_its_pause(
+    pipeline: Callable[[int], Pipeline], new_owner: Callable[[Pipeline], NewOwner]
+) -> None:
+    pipe = pipeline(1)
+    state = RefusingState()
+    consumer = pipe.start_consumer(state=state, session_timeout_ms=SHORT_SESSION_MS)
+    ids, values = activations(5, "b")
+    produce(pipe.kafka, pipe.topic, values[:1])
+    wait_until(lambda: consumer_stats(consumer).ingested == 1, JOIN_TIMEOUT_S)
+    consumer.tell(Persisted((KafkaOffset(Partition(0), Offset(0)),)))
+    wait_until(lambda: group_offsets(pipe.kafka, pipe.group, pipe.topic, 1) == [1])
+
+    state.refusing = True
+    produce(pipe.kafka, pipe.topic, values[1:])
+    wait_until(lambda: consumer_stats(consumer).paused == (0,))
+    assert consumer_stats(consumer).consumed == 5
+    owner = new_owner(pipe)
+    owner.join()
+    stats = consumer_stats(consumer)
+    assert (stats.assigned, stats.paused) == ((), ())
+    assert group_offsets(pipe.kafka, pipe.group, pipe.topic, 1) == [1]
+    assert positions(owner.read(4)) == [1, 2, 3, 4]
+
+    # The refused Ingest is not handed over once the state takes ingests again: its
+    # partition is the new owner's. Backpressure, though, is the state's and outlasts it.
+    state.refusing = False
+    consumer.tell(IngestBackpressure(pause=True))
+    time.sleep(0.3)  # room for a stale Ingest to arrive
+    assert state.ingested_ids() == ids[:1]
+
+    # Back with the broker, the partition is paused for the backpressure only: once the
+    # state resumes, the broker reads it from the commit and hands each record over once.
+    owner.close()
+    wait_until(lambda: consumer_stats(consumer).assigned == (0,), JOIN_TIMEOUT_S)
+    assert consumer_stats(consumer).paused == (0,)
+    consumer.tell(IngestBackpressure(pause=False))
+    wait_until(lambda: consumer_stats(consumer).ingested == 5)
+    assert consumer_stats(consumer).paused == ()
+    assert state.ingested_ids() == ids
+
+
+@pytest.mark.kafka
+def test_a_revoke_drops_the_hold_of_an_undelivered_dead_letter_and_commits_before_it(
+    pipeline: Callable[[int], Pipeline], new_owner: Callable[[Pipeline], NewOwner]
+) -> None:
+    pipe = pipeline(1)
+    _, good = activations(2, "d")
+    bad = b"\xff not an activation"
+    produce(pipe.kafka, pipe.topic, [good[0], bad, good[1]])
+    pipe.start_state()
+    nowhere = KafkaProducer(
+        ProducerConfig(bootstrap_servers=f"127.0.0.1:{free_port()}", delivery_timeout_ms=200)
+    )
+    consumer = pipe.start_consumer(
+        dead_letters=nowhere,
+        dlq_timeout_ms=200,
+        dlq_retry_backoff_ms=60_000,
+        session_timeout_ms=SHORT_SESSION_MS,
+    )
+    pipe.start_writer(consumer)
+    wait_until(lambda: consumer_stats(consumer).dead_letter_failures == 1, JOIN_TIMEOUT_S)
+    wait_until(lambda: group_offsets(pipe.kafka, pipe.group, pipe.topic, 1) == [1])
+    assert consumer_stats(consumer).paused == (0,)
+
+    owner = new_owner(pipe)
+    owner.join()
+    stats = consumer_stats(consumer)
+    assert (stats.assigned, stats.paused, stats.ingested) == ((), (), 1)
+    assert group_offsets(pipe.kafka, pipe.group, pipe.topic, 1) == [1]
+    # The new owner reads the message whose dead letter Kafka never took, and what it held.
+    read = owner.read(2)
+    assert positions(read) == [1, 2]
+    assert [m.value() for m in read] == [bad, good[1]]
+    assert consumer_stats(consumer).dead_letter_failures == 1
