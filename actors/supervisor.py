@@ -31,7 +31,7 @@ from actors.config import Config, DeliveryMode, StoreMode
 from actors.consumer import BatchLimits, ConsumerConfig, KafkaConsumer
 from actors.direct import DirectStore, SqliteDirectState, SqliteDirectStateClient
 from actors.embedded_kafka import EmbeddedKafka, TopicSpec
-from actors.errors import ActorUnavailable, BrokerError
+from actors.errors import ActorUnavailable, BrokerError, StoreError
 from actors.frontend import FrontendConfig, GrpcFrontend
 from actors.messages import Connect, Drain, LoadAndRestore, StopConsuming
 from actors.metrics import FirstClaimMetrics
@@ -42,6 +42,7 @@ from actors.runtime import ask
 from actors.state import StateActor, StateConfig
 from actors.state_client import BlockingStateClient
 from actors.statemachine import Limits
+from actors.store import DatabaseLock
 from actors.upkeep import HealthMonitor, Heartbeat, Upkeep, UpkeepConfig
 from actors.writer import SqliteWriter, WriterConfig
 
@@ -120,6 +121,9 @@ class Supervisor:
 
     def start(self) -> Broker:
         config = self._config
+        # Before Kafka and the ops port: a database the broker cannot have is the likelier
+        # mistake (a second broker from the same directory), and the one to report.
+        check_database(Path(config.db_path))
         embedded = None
         bootstrap = config.kafka_cluster
         if not bootstrap:
@@ -436,3 +440,13 @@ def _stop_actor(name: str, ref: pykka.ActorRef[Any] | None, deadline: float) -> 
         ref.stop(timeout=_left(deadline))
     except pykka.Timeout:
         logger.warning("shutdown: %s did not stop in time", name)
+
+
+def check_database(db_path: Path) -> None:
+    """Refuse a database that the writer could not open or lock, naming why: its directory
+    is missing, or another broker holds it. The writer takes the lock for good later."""
+    if not db_path.parent.is_dir():
+        raise StoreError(
+            f"db_path: the directory {db_path.parent} of the SQLite store does not exist"
+        )
+    DatabaseLock(db_path).release()

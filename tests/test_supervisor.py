@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ import pytest
 
 from actors import config
 from actors.embedded_kafka import EmbeddedKafka
+from actors.store import DatabaseLock
 from actors.supervisor import (
     EXIT_ACTOR_DIED,
     EXIT_OK,
@@ -118,6 +120,28 @@ def test_a_corrupt_database_fails_the_start_naming_the_file(
     )  # fmt: skip
     assert result.returncode == EXIT_STARTUP_FAILED
     assert str(db) in result.stderr
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["held by another broker", "no directory"])
+def test_a_database_the_broker_cannot_have_fails_before_kafka_starts(
+    tmp_path: Path, held: bool
+) -> None:
+    db = tmp_path / "inflight.sqlite" if held else tmp_path / "missing" / "inflight.sqlite"
+    holder = DatabaseLock(db) if held else None
+    try:
+        result = subprocess.run(
+            # No --kafka: the embedded Kafka would start first, were the check later.
+            [sys.executable, "-m", "actors.cli", "run", "--db", str(db),
+             "--grpc-port", "0", "--metrics-port", "0", "--embedded-kafka-port", "1"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        if holder is not None:
+            holder.release()
+    assert result.returncode == EXIT_STARTUP_FAILED
+    expected = f"(pid {os.getpid()})" if held else f"the directory {db.parent} of the SQLite"
+    assert expected in result.stderr
+    assert "embedded Kafka" not in result.stderr
 
 
 def test_bad_configuration_exits_before_starting_anything(tmp_path: Path) -> None:
