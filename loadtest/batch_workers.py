@@ -6,7 +6,9 @@ worker process), each holding up to 32 tasks. A coroutine loops: FetchTasks(up t
 waiting up to `wait_ms` in the broker) while it holds nothing, otherwise the simulated work
 of all its tasks at once (the tasks of a batch run side by side, as in a worker with N
 slots), then ReportAndFetch(their results, up to N more, without waiting). Every result is
-COMPLETE.
+COMPLETE. With several brokers, a fetch that comes back empty moves the coroutine on to
+the next, as NOT_FOUND moves a unary worker, and results parked for a broker that was
+unavailable go back to it in a ReportResults.
 
 ReportAndFetch does not wait for tasks: a broker with nothing pending would hold the
 answer, and with it the acknowledgement of the results, for the whole wait, which a worker
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,7 +29,8 @@ import grpc
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.wire.taskbroker_actors.v1 import batch_pb2, batch_pb2_grpc
 from loadtest.producer import APPLICATION
-from loadtest.workers import RETRIED_CODES, RPC_TIMEOUT_S, Tally, Worker, WorkerPlan
+from loadtest.rotation import Held, Rotation
+from loadtest.workers import RPC_TIMEOUT_S, Tally, Worker, WorkerPlan, report_refused
 
 DEFAULT_BATCH = 32
 DEFAULT_WAIT_MS = 200
@@ -48,56 +52,100 @@ class BatchWorkers:
         if self.wait_ms < 0:
             raise ValueError(f"wait_ms must not be negative, got {self.wait_ms}")
 
-    def worker(self, channel: grpc.aio.Channel, plan: WorkerPlan) -> Worker:
-        return _BatchWorker(batch_pb2_grpc.TaskBatchServiceStub(channel), plan, self)
+    def worker(
+        self, channels: Mapping[str, grpc.aio.Channel], rotation: Rotation, plan: WorkerPlan
+    ) -> Worker:
+        return _BatchWorker(channels, rotation, plan, self)
 
 
 class _BatchWorker:
     def __init__(
-        self, stub: batch_pb2_grpc.TaskBatchServiceStub, plan: WorkerPlan, kind: BatchWorkers
+        self,
+        channels: Mapping[str, grpc.aio.Channel],
+        rotation: Rotation,
+        plan: WorkerPlan,
+        kind: BatchWorkers,
     ) -> None:
-        self._stub = stub
+        self._stubs = {
+            target: batch_pb2_grpc.TaskBatchServiceStub(channel)
+            for target, channel in channels.items()
+        }
+        self._rotation = rotation
         self._work_s = plan.work_s
         self._fetch_waiting = batch_pb2.FetchTasksRequest(
             application=APPLICATION, max_tasks=kind.batch, wait_ms=kind.wait_ms
         )
         self._fetch_now = batch_pb2.FetchTasksRequest(application=APPLICATION, max_tasks=kind.batch)
-        self.tally = Tally(("FetchTasks", "ReportAndFetch"))
+        self.tally = Tally(("FetchTasks", "ReportAndFetch", "ReportResults"))
 
     async def run(self) -> None:
-        held: list[pb.TaskActivation] = []
+        held: Held | None = None
         while True:
             held = await self.step(held)
 
-    async def step(self, held: list[pb.TaskActivation]) -> list[pb.TaskActivation]:
-        """One RPC: fetch tasks, or report those held and fetch more; the tasks held next."""
-        if held and self._work_s:
-            await asyncio.sleep(self._work_s)
-        method = "ReportAndFetch" if held else "FetchTasks"
+    async def step(self, held: Held | None) -> Held | None:
+        """One RPC: report the tasks held and fetch more, send parked results again, or
+        fetch tasks; the tasks held next."""
+        if held is not None:
+            if self._work_s:
+                await asyncio.sleep(self._work_s)
+            return await self._report(held, fetch=True)
+        target, parked = self._rotation.next_call(time.monotonic())
+        if parked is not None:
+            return await self._report(parked, fetch=False)
+        return await self._fetch(target)
+
+    async def _fetch(self, target: str) -> Held | None:
         started = time.perf_counter()
         try:
-            if held:
-                results = [
-                    batch_pb2.TaskResult(id=task.id, status=pb.TASK_ACTIVATION_STATUS_COMPLETE)
-                    for task in held
-                ]
-                response = await self._stub.ReportAndFetch(  # type: ignore[misc]
+            response = await self._stubs[target].FetchTasks(  # type: ignore[misc]
+                self._fetch_waiting, timeout=RPC_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            await self.tally.failed("FetchTasks", code, started)
+            if code is grpc.StatusCode.UNAVAILABLE:
+                self._rotation.unavailable(target, time.monotonic())
+            return None
+        tasks = tuple(response.tasks)
+        if tasks:
+            self.tally.answered("FetchTasks", started)
+        else:
+            self.tally.empty_poll()  # the broker has waited wait_ms already
+        return self._hold(target, tasks)
+
+    async def _report(self, held: Held, *, fetch: bool) -> Held | None:
+        results = [
+            batch_pb2.TaskResult(id=task.id, status=pb.TASK_ACTIVATION_STATUS_COMPLETE)
+            for task in held.tasks
+        ]
+        stub = self._stubs[held.target]
+        method = "ReportAndFetch" if fetch else "ReportResults"
+        started = time.perf_counter()
+        try:
+            if fetch:
+                response = await stub.ReportAndFetch(  # type: ignore[misc]
                     batch_pb2.ReportAndFetchRequest(results=results, fetch=self._fetch_now),
                     timeout=RPC_TIMEOUT_S,
                 )
             else:
-                response = await self._stub.FetchTasks(  # type: ignore[misc]
-                    self._fetch_waiting, timeout=RPC_TIMEOUT_S
+                response = await stub.ReportResults(  # type: ignore[misc]
+                    batch_pb2.ReportResultsRequest(results=results), timeout=RPC_TIMEOUT_S
                 )
         except grpc.aio.AioRpcError as error:
             code = error.code()
             await self.tally.failed(method, code, started)
-            return held if code in RETRIED_CODES else []
-        tasks: list[pb.TaskActivation] = list(response.tasks)
-        if not held and not tasks:
-            self.tally.empty_poll()  # the broker has waited wait_ms already: ask again
-            return tasks
-        self.tally.completed((task.id for task in held), self.tally.answered(method, started))
+            report_refused(self._rotation, held, code)
+            return None
+        ids = (task.id for task in held.tasks)
+        self.tally.completed(ids, self.tally.answered(method, started), held.target)
+        return self._hold(held.target, tuple(response.tasks)) if fetch else None
+
+    def _hold(self, target: str, tasks: tuple[pb.TaskActivation, ...]) -> Held | None:
+        """The tasks `target` handed out; none moves the coroutine on to the next broker."""
+        if not tasks:
+            self._rotation.empty(target)
+            return None
         for task in tasks:
             self.tally.received(task)
-        return tasks
+        return Held(target, tasks)

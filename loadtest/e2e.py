@@ -28,6 +28,14 @@ recorded); with no simulated work that is what the pull workers' task latency me
 the call that carried the result. A push phase also reports the pushes the workers refused.
 The first pushes of a phase, which fill the workers' queues while its tasks are produced,
 fall before the broker's CPU is read, as the ingest during produce does in a pull phase.
+
+With `--brokers N` (or `--brokers 1,2,4`, one measurement per count) it starts N brokers in
+one consumer group on a topic of max(N, 4) partitions (`loadtest.cluster`), and every
+worker goes round them as `loadtest.rotation` describes. Each broker's CPU is set beside
+the tasks its answers acknowledged. `--kill-one-at S` SIGKILLs the last broker S seconds
+into the phase and starts it again on its own file and ports once the survivors hold its
+partitions; the tasks are then produced over the phase, and it runs until nothing is left
+anywhere, so that lost tasks (none, or the run fails) and duplicates are all counted.
 """
 
 from __future__ import annotations
@@ -35,33 +43,41 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import grpc
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic
-
 from actors.embedded_kafka import EmbeddedKafka, free_port
-from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
 from loadtest.batch_workers import DEFAULT_BATCH, DEFAULT_WAIT_MS, BatchWorkers
+from loadtest.broker import (
+    HOST,
+    broker_process,
+    cpu_seconds,
+    cpu_share,
+    cpu_us_per_task,
+    create_topics,
+    memory_mb,
+)
+
+# Re-exported: they lived here before loadtest.broker, and tests import them from here.
+from loadtest.broker import BrokerSetup as BrokerSetup  # noqa: PLC0414
+from loadtest.broker import broker_environment as broker_environment  # noqa: PLC0414
+from loadtest.cluster import Background, Cluster, KillOne, running_cluster
 from loadtest.exposition import (
     buckets_by_label,
     observed_between,
     samples_by_label,
     scrape,
 )
-from loadtest.producer import APPLICATION, TaskSpec, produce_tasks, task_ids
+from loadtest.producer import TaskSpec, produce_tasks, task_ids
 from loadtest.push_workers import (
     DEFAULT_FLUSH_INTERVAL_MS,
     PushDelivery,
@@ -78,34 +94,6 @@ from loadtest.workers import (
     coroutines_per_process,
     run_workers,
 )
-
-_HOST = "127.0.0.1"
-_READY_TIMEOUT_S = 90.0
-_STOP_GRACE_S = 30.0
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerSetup:
-    """How the broker under test is configured; one broker process serves several phases."""
-
-    store_mode: str = "memory"
-    commit_delay_ms: int = 0
-    grpc_max_workers: int | None = None
-    """Broker handler threads; None keeps the broker's default."""
-    max_tasks: int = 20_000
-    max_workers: int = 768
-    """The largest phase, so that no `max_*_count` limit pauses ingest during a run."""
-    metrics_port: int = 0
-    """The broker's /metrics port on 127.0.0.1; 0: off. Not the default 9090: brokers of
-    different runs may share the machine, so a run that scrapes picks a free port."""
-    delivery: str = "pull"
-    worker_endpoints: tuple[str, ...] = ()
-    """Push delivery: the load-test application's workers (`session` fills it in)."""
-
-    @property
-    def metrics_url(self) -> str | None:
-        return f"http://{_HOST}:{self.metrics_port}/metrics" if self.metrics_port else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,135 +128,6 @@ _DEFAULT = Phase()
 _WARM_UP_TASKS = 5
 """Completed before the first measured phase, so that the consumer has joined its group."""
 _WARM_UP_TIMEOUT_S = 60.0
-
-
-# --- the broker process ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerProcess:
-    pid: int
-    target: str
-    log_path: Path
-
-
-def broker_environment(
-    setup: BrokerSetup, bootstrap: str, topic: str, port: int, db_path: Path
-) -> dict[str, str]:
-    """The broker's configuration for one run, as TASKBROKER_ variables."""
-    settings = {
-        "KAFKA_CLUSTER": bootstrap,
-        "KAFKA_TOPIC": topic,
-        "KAFKA_DEADLETTER_TOPIC": f"{topic}-dlq",
-        "KAFKA_CONSUMER_GROUP": topic,
-        "KAFKA_AUTO_OFFSET_RESET": "earliest",
-        "GRPC_ADDR": _HOST,
-        "GRPC_PORT": str(port),
-        "METRICS_ADDR": _HOST,
-        "METRICS_PORT": str(setup.metrics_port),
-        "DB_PATH": str(db_path),
-        "STORE_MODE": setup.store_mode,
-        "STORE__DEBUG_COMMIT_DELAY_MS": str(setup.commit_delay_ms),
-        # Room for the whole run: the test is about serving, not about ingest pausing.
-        "MAX_PENDING_COUNT": str(max(2 * setup.max_tasks, 2048)),
-        "MAX_PROCESSING_COUNT": str(max(4 * setup.max_workers, 2048)),
-        "LOG_LEVEL": "WARNING",
-        # Calls still waiting at the end of a bounded run need not hold the shutdown.
-        "GRPC_SHUTDOWN_GRACE_MS": "1000",
-    }
-    if setup.grpc_max_workers is not None:
-        settings["GRPC_MAX_WORKERS"] = str(setup.grpc_max_workers)
-    if setup.delivery == "push":
-        settings["DELIVERY_MODE"] = "push"
-        settings[f"WORKER_MAP__{APPLICATION.upper()}"] = ",".join(setup.worker_endpoints)
-    return {f"TASKBROKER_{key}": value for key, value in settings.items()}
-
-
-def _broker_command() -> list[str]:
-    # The console script installed beside this interpreter, so the venv's broker runs.
-    return [str(Path(sys.executable).with_name("taskbroker")), "run"]
-
-
-@contextmanager
-def broker_process(
-    setup: BrokerSetup, bootstrap: str, topic: str, workdir: Path
-) -> Iterator[BrokerProcess]:
-    """A `taskbroker run` in its own process group; stopped with SIGTERM, then SIGKILL."""
-    port = free_port(_HOST)
-    env = {**os.environ, **broker_environment(setup, bootstrap, topic, port, workdir / "db")}
-    log_path = workdir / "broker.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            _broker_command(),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    target = f"{_HOST}:{port}"
-    try:
-        _wait_serving(target, process, log_path)
-        yield BrokerProcess(process.pid, target, log_path)
-    finally:
-        _stop_group(process)
-
-
-def _wait_serving(target: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + _READY_TIMEOUT_S
-    with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"the broker exited with {process.returncode}: {_tail(log_path)}"
-                )
-            try:
-                answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-            except grpc.RpcError:
-                answer = None
-            if answer is not None and answer.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-            time.sleep(0.2)
-    raise RuntimeError(f"the broker was not SERVING within {_READY_TIMEOUT_S} s: {_tail(log_path)}")
-
-
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(_STOP_GRACE_S)
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-# --- the broker's CPU and memory ------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far, from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # Fields after the command name, which is in parentheses and may hold spaces.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / _CLOCK_TICKS
-
-
-def memory_mb(pid: int) -> dict[str, float]:
-    """Resident memory now and at its peak, from /proc/<pid>/status."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0]) / 1024
-    return {"rss_mb": round(values["VmRSS"], 1), "rss_peak_mb": round(values["VmHWM"], 1)}
 
 
 # --- the broker's /metrics ---------------------------------------------------------------------
@@ -322,12 +181,6 @@ def wait_backlog_ingested(url: str, tasks: int, timeout_s: float) -> None:
 
 
 # --- one run --------------------------------------------------------------------------------
-
-
-def cpu_us_per_task(cpu_s: float, completed: int) -> float | None:
-    """The broker's CPU per completed task, the number to set beside tasks/s; None when
-    nothing completed."""
-    return round(cpu_s * 1e6 / completed, 1) if completed else None
 
 
 def _shown(value: float | None, spec: str = ",.0f") -> str:
@@ -419,13 +272,8 @@ def summarize(
         "lost": lost,
         "duplicates": len(report.received) - len(set(report.received)),
         "unexpected": len(completed_set - produced_set),
-        "workers_cpu": _cpu_share(report.cpu_s, stopped_wall - started_wall),
+        "workers_cpu": cpu_share(report.cpu_s, stopped_wall - started_wall),
     }
-
-
-def _cpu_share(cpu_s: float, wall_s: float) -> dict[str, float]:
-    """CPU seconds, and as a percentage of one core over `wall_s`."""
-    return {"cpu_s": round(cpu_s, 2), "cpu_percent": round(100 * cpu_s / max(wall_s, 1e-9), 1)}
 
 
 class Session:
@@ -467,7 +315,7 @@ class Session:
             self.push_pool.prepare(self.target, PushPlan(1, _WARM_UP_TASKS))
         produce_tasks(self.bootstrap, self.topic, ids, TaskSpec(param_bytes=16))
         if self.push_pool is None:
-            complete_tasks(self.target, _WARM_UP_TASKS, _WARM_UP_TIMEOUT_S)
+            complete_tasks((self.target,), _WARM_UP_TASKS, _WARM_UP_TIMEOUT_S)
             return
         warm = self.push_pool.run(until_completed=_WARM_UP_TASKS, max_seconds=_WARM_UP_TIMEOUT_S)
         if len(warm.report.completed) < _WARM_UP_TASKS:
@@ -513,17 +361,16 @@ class Session:
         if self.broker_pid is not None:
             cpu_s = cpu_seconds(self.broker_pid) - broker_cpu
             result["broker"] = {
-                **_cpu_share(cpu_s, wall_s),
+                **cpu_share(cpu_s, wall_s),
                 "cpu_us_per_task": cpu_us_per_task(cpu_s, result["completed"]),
                 **memory_mb(self.broker_pid),
             }
         if self.kafka_pid is not None:
-            result["kafka_cpu"] = _cpu_share(cpu_seconds(self.kafka_pid) - kafka_cpu, wall_s)
+            result["kafka_cpu"] = cpu_share(cpu_seconds(self.kafka_pid) - kafka_cpu, wall_s)
         # After the CPU is read: a scrape costs the broker CPU of its own.
         if before is not None and url is not None:
             result["mailboxes"] = mailboxes(before, scrape(url))
         return result
-
 
     def _prepare_push(self, phase: Phase) -> None:
         """Push delivery: give the push workers the phase's plan before its tasks exist,
@@ -550,7 +397,7 @@ class Session:
         and the pushes refused (push delivery only)."""
         if not isinstance(phase.kind, PushDelivery):
             report, started_wall, stopped_wall = run_workers(
-                self.target,
+                (self.target,),
                 processes=phase.worker_processes,
                 threads=phase.threads_per_process,
                 work_ms=phase.work_ms,
@@ -597,7 +444,7 @@ def session(
     started here."""
     with ExitStack() as stack:
         if bootstrap is None:
-            kafka = stack.enter_context(EmbeddedKafka(port=free_port(_HOST)))
+            kafka = stack.enter_context(EmbeddedKafka(port=free_port(HOST)))
             bootstrap, kafka_pid = kafka.bootstrap, kafka.pid
         push_pool = None
         if setup.delivery == "push":
@@ -607,7 +454,7 @@ def session(
             setup = replace(setup, worker_endpoints=push_pool.endpoints)
         if target is None:
             topic = f"loadtest-{uuid.uuid4().hex[:8]}"
-            _create_topics(bootstrap, topic)
+            create_topics(bootstrap, topic)
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="loadtest-")))
             broker = stack.enter_context(broker_process(setup, bootstrap, topic, workdir))
             target, broker_pid = broker.target, broker.pid
@@ -620,17 +467,226 @@ def session(
         yield under_test
 
 
-def _create_topics(bootstrap: str, topic: str) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(topic, 1), NewTopic(f"{topic}-dlq", 1)])
-    for future in futures.values():
-        future.result(timeout=30)
+# --- several brokers in one consumer group -------------------------------------------------
+
+MIN_PARTITIONS = 4
+"""A multi-broker topic has max(brokers, this) partitions: a broker killed in a run leaves
+partitions to hand over, and the count is one for 1, 2 and 4 brokers alike."""
+KILL_DEADLINE_S = 30
+"""A kill-one phase's processing deadline: longer than the broker is down, so that results
+held for it are still wanted when it is back, and short enough that a task claimed durably
+whose answer died with the broker is handed out again within the run. The restarted broker
+resets no deadline for its first 60 s, so such a task waits that long: in a 2-broker run
+with 16 workers, 6 rows stayed processing until 57 s after the restart."""
+_RESTART_RESET_SKIP_S = 60.0
+"""A restarted broker resets no deadline this long (upkeep's default), so that workers
+holding its tasks can report: part of the kill-one phase's time bound."""
+_KILL_PRODUCE_CHUNKS = 20
+_JOIN_TIMEOUT_S = 120.0
+
+
+def partitions_for(brokers: int) -> int:
+    return max(brokers, MIN_PARTITIONS)
+
+
+def chunked(ids: list[str], chunks: int) -> list[list[str]]:
+    """`ids` in at most `chunks` consecutive runs of nearly equal length, none empty."""
+    size = math.ceil(len(ids) / chunks)
+    return [ids[start : start + size] for start in range(0, len(ids), size)]
+
+
+def produce_paced(
+    stop: threading.Event,
+    *,
+    bootstrap: str,
+    topic: str,
+    chunks: list[list[str]],
+    spec: TaskSpec,
+    window_s: float,
+) -> None:
+    """Produce `chunks` one at a time, evenly over `window_s` from now, until `stop`."""
+    started = time.monotonic()
+    for number, chunk in enumerate(chunks, start=1):
+        due = started + number * window_s / len(chunks)
+        if stop.wait(max(due - time.monotonic(), 0.0)):
+            return
+        produce_tasks(bootstrap, topic, chunk, spec)
+
+
+def run_brokers(
+    setup: BrokerSetup,
+    phase: Phase,
+    count: int,
+    *,
+    bootstrap: str,
+    kafka_pid: int | None,
+    kill_one_at_s: float | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """One phase against `count` brokers in one consumer group on a new topic, the workers
+    spread over them. Its result adds to a one-broker phase's numbers each broker's
+    completed tasks (those its answers acknowledged), CPU and memory, and, with
+    `kill_one_at_s`, the kill and restart's timeline.
+
+    Without a kill the tasks are produced before the workers start, as in one-broker
+    phases. With one, a twentieth is, and the rest over the kill and the session timeouts
+    after it, so that new messages reach the dead broker's partitions; the phase then runs
+    until every broker has nothing left and the group has committed every partition to its
+    end, or its time bound.
+    """
+    if isinstance(phase.kind, PushDelivery) or phase.backlog:
+        raise ValueError("several brokers: pull workers, tasks produced as the run goes")
+    topic = f"loadtest-{uuid.uuid4().hex[:8]}"
+    with running_cluster(setup, bootstrap, topic, count, partitions_for(count)) as cluster:
+        assigned = cluster.wait_settled()
+        warm_up = task_ids(f"{topic}-warm", _WARM_UP_TASKS * count)
+        produce_tasks(bootstrap, topic, warm_up, TaskSpec(param_bytes=16))
+        complete_tasks(cluster.targets, len(warm_up), _WARM_UP_TIMEOUT_S)
+        ids = task_ids(f"{topic}-phase", phase.tasks)
+        spec = TaskSpec(param_bytes=phase.param_bytes)
+        background: list[Background] = []
+        kill = None
+        max_seconds = phase.max_seconds
+        if kill_one_at_s is None:
+            produce_tasks(bootstrap, topic, ids, spec)
+        else:
+            kill = KillOne(cluster, count - 1, kill_one_at_s)
+            produce = _produce_around_a_kill(cluster, ids, spec, kill_one_at_s)
+            background = [produce, Background("loadtest-kill", kill)]
+            session_s = setup.session_timeout_ms / 1000
+            max_seconds += kill_one_at_s + 3 * session_s + _RESTART_RESET_SKIP_S + KILL_DEADLINE_S
+
+        def start_background() -> None:
+            for task in background:
+                task.start()
+
+        def settled() -> bool:
+            # Threads first: the cluster is only read once the restarted broker is back.
+            return all(task.done for task in background) and cluster.idle() and cluster.caught_up()
+
+        broker_cpu = [cluster.cpu_s(index) for index in range(count)]
+        kafka_cpu = _cpu_of(kafka_pid)
+        try:
+            report, started_wall, stopped_wall = run_workers(
+                cluster.targets,
+                processes=phase.worker_processes,
+                threads=phase.threads_per_process,
+                work_ms=phase.work_ms,
+                until_completed=phase.tasks,
+                max_seconds=max_seconds,
+                kind=phase.kind,
+                on_started=start_background,
+                on_progress=_progress_line(phase.tasks) if progress else None,
+                settled=settled if background else None,
+            )
+        finally:
+            for task in background:
+                task.stop.set()
+        for task in background:
+            task.join(_JOIN_TIMEOUT_S)
+        if progress:
+            print(file=sys.stderr)
+        wall_s = stopped_wall - started_wall
+        result: dict[str, Any] = {
+            "brokers": count,
+            "partitions": cluster.partitions,
+            "store_mode": setup.store_mode,
+            "commit_delay_ms": setup.commit_delay_ms,
+            **summarize(phase, ids, report, started_wall, stopped_wall),
+        }
+        spent = [cluster.cpu_s(index) - broker_cpu[index] for index in range(count)]
+        result["per_broker"] = [
+            {
+                "index": slot.index,
+                "target": slot.target,
+                "partitions_at_start": assigned[slot.index],
+                **_broker_share(spent[slot.index], report.completed_by_target[slot.target], wall_s),
+                **cluster.memory(slot.index),
+            }
+            for slot in cluster.slots
+        ]
+        result["brokers_cpu"] = {
+            **cpu_share(sum(spent), wall_s),
+            "cpu_us_per_task": cpu_us_per_task(sum(spent), result["completed"]),
+        }
+        if kafka_pid is not None:
+            result["kafka_cpu"] = cpu_share(cpu_seconds(kafka_pid) - kafka_cpu, wall_s)
+        if kill is not None:
+            result["kill_one"] = asdict(kill.timeline)
+        return result
+
+
+def _produce_around_a_kill(
+    cluster: Cluster, ids: list[str], spec: TaskSpec, kill_one_at_s: float
+) -> Background:
+    """Produce the first of the phase's chunks now, and the rest, once started, over the
+    kill and two session timeouts after it: past the survivors' takeover and the restart."""
+    spec = replace(spec, processing_deadline_s=KILL_DEADLINE_S)
+    first, *rest = chunked(ids, _KILL_PRODUCE_CHUNKS)
+    produce_tasks(cluster.bootstrap, cluster.topic, first, spec)
+    window_s = kill_one_at_s + 2 * cluster.setup.session_timeout_ms / 1000
+    produce = partial(
+        produce_paced,
+        bootstrap=cluster.bootstrap,
+        topic=cluster.topic,
+        chunks=rest,
+        spec=spec,
+        window_s=window_s,
+    )
+    return Background("loadtest-produce", produce)
+
+
+def _broker_share(cpu_s: float, completed: int, wall_s: float) -> dict[str, Any]:
+    """One broker's tasks (those its answers acknowledged) and its CPU over a phase."""
+    return {
+        "completed": completed,
+        **cpu_share(cpu_s, wall_s),
+        "cpu_us_per_task": cpu_us_per_task(cpu_s, completed),
+    }
+
+
+def brokers_line(result: dict[str, Any]) -> str:
+    """A multi-broker phase in one line: tasks/s, each broker's share and CPU, the
+    restart's timeline, and the accounting."""
+    protocol = result["protocol"] + (f" x{result['batch']}" if result["batch"] > 1 else "")
+    shares = "; ".join(
+        f"broker {b['index']}: {b['completed']:,} tasks, {b['cpu_percent']:.0f}% CPU, "
+        f"{_shown(b['cpu_us_per_task'])} µs/task"
+        for b in result["per_broker"]
+    )
+    line = (
+        f"{result['brokers']} brokers ({result['partitions']} partitions), "
+        f"{result['store_mode']}, {protocol}, {result['workers']} workers: "
+        f"{result['tasks_per_s']:,.0f} tasks/s; {shares}; "
+        f"Kafka {_shown(result.get('kafka_cpu', {}).get('cpu_percent'))}% CPU, "
+        f"workers {result['workers_cpu']['cpu_percent']:.0f}% CPU; "
+        f"{result['lost']} lost, {result['duplicates']} duplicates, {result['errors']} errors"
+    )
+    timeline = result.get("kill_one")
+    if timeline is not None:
+        line += (
+            f"; broker {timeline['broker']} killed at {_shown(timeline['killed_at_s'], '.1f')} s"
+            f", taken over {_shown(timeline['taken_over_at_s'], '.1f')} s"
+            f", back {_shown(timeline['back_at_s'], '.1f')} s"
+            f", drained {_shown(timeline['drained_at_s'], '.1f')} s"
+        )
+    return line
+
+
+def accounted(result: dict[str, Any]) -> bool:
+    """Every task complete and none unexpected; duplicates only where a broker was killed."""
+    duplicates_allowed = "kill_one" in result
+    return (
+        result["lost"] == 0
+        and result["unexpected"] == 0
+        and (duplicates_allowed or result["duplicates"] == 0)
+    )
 
 
 # --- command line ------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest e2e", description=__doc__)
     parser.add_argument("--json", type=Path, help="write the result to this file")
     parser.add_argument("--store-mode", choices=("memory", "sqlite-direct"), default="memory")
@@ -677,7 +733,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kafka", help="bootstrap servers of a running Kafka")
     parser.add_argument("--topic", help="the topic the --target broker consumes")
     parser.add_argument("--broker-pid", type=int, help="pid of the --target broker, for CPU/RSS")
+    parser.add_argument(
+        "--brokers",
+        type=broker_counts,
+        help="N or N,M,...: N brokers in one consumer group, the workers spread over them; "
+        "one measurement per count",
+    )
+    parser.add_argument(
+        "--kill-one-at",
+        type=float,
+        metavar="S",
+        help="with --brokers (2 or more): SIGKILL the last broker S seconds into the phase "
+        "and restart it on its own file and ports",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.brokers and (args.target or args.backlog or args.delivery == "push"):
+        parser.error("--brokers: not with --target, --backlog or --delivery push")
+    if args.kill_one_at is not None and not (args.brokers and min(args.brokers) >= 2):
+        parser.error("--kill-one-at needs --brokers of 2 or more")
     if args.target and not (args.kafka and args.topic):
         parser.error("--target needs --kafka and --topic")
     if args.target and args.backlog:
@@ -704,13 +782,15 @@ def main(argv: list[str] | None = None) -> int:
         kind=kind,
         backlog=args.backlog,
     )
+    if args.brokers:
+        return _main_brokers(args, phase)
     setup = BrokerSetup(
         store_mode=args.store_mode,
         commit_delay_ms=args.commit_delay_ms,
         grpc_max_workers=args.grpc_max_workers,
         max_tasks=args.tasks,
         max_workers=args.workers,
-        metrics_port=0 if args.target else free_port(_HOST),
+        metrics_port=0 if args.target else free_port(HOST),
         delivery=args.delivery,
     )
     with session(
@@ -728,6 +808,52 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**result, "machine": machine()}, indent=2) + "\n")
     return 0 if result["lost"] == 0 and result["duplicates"] == 0 else 1
+
+
+def broker_counts(text: str) -> list[int]:
+    """`--brokers`: "2" or "1,2,4"."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"broker counts are N or N,M,..., not {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"broker counts must be at least 1, not {text!r}")
+    return counts
+
+
+def _main_brokers(args: argparse.Namespace, phase: Phase) -> int:
+    setup = BrokerSetup(
+        store_mode=args.store_mode,
+        commit_delay_ms=args.commit_delay_ms,
+        grpc_max_workers=args.grpc_max_workers,
+        max_tasks=args.tasks,
+        max_workers=args.workers,
+    )
+    results = []
+    with ExitStack() as stack:
+        bootstrap, kafka_pid = args.kafka, None
+        if bootstrap is None:
+            kafka = stack.enter_context(EmbeddedKafka(port=free_port(HOST)))
+            bootstrap, kafka_pid = kafka.bootstrap, kafka.pid
+        for count in args.brokers:
+            result = run_brokers(
+                setup,
+                phase,
+                count,
+                bootstrap=bootstrap,
+                kafka_pid=kafka_pid,
+                kill_one_at_s=args.kill_one_at,
+            )
+            print(brokers_line(result), flush=True)
+            results.append(result)
+    print(json.dumps(results, indent=2))
+    for result in results:
+        print(brokers_line(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        summary = {"command": " ".join(sys.argv), "runs": results, "machine": machine()}
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if all(accounted(result) for result in results) else 1
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def measure(plan: LatencyPlan, bootstrap: str | None, metrics_port: int) -> dict
             )
             try:
                 report, _, _ = run_workers(
-                    under_test.target,
+                    (under_test.target,),
                     processes=1,
                     threads=plan.workers,
                     work_ms=0.0,

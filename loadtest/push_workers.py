@@ -175,6 +175,8 @@ class _Phase:
     queue: asyncio.Queue[tuple[str, float]]
     """(task id, its arrival on perf_counter's clock)."""
     stub: pb_grpc.ConsumerServiceStub
+    target: str
+    """The broker `stub` reports to."""
 
 
 class _PushWorker:
@@ -186,9 +188,9 @@ class _PushWorker:
         self.refused = 0
         self._phase: _Phase | None = None
 
-    def prepare(self, plan: PushPlan, stub: pb_grpc.ConsumerServiceStub) -> None:
+    def prepare(self, plan: PushPlan, stub: pb_grpc.ConsumerServiceStub, target: str) -> None:
         """A fresh queue and tally for a phase; pushes are taken from now on."""
-        self._phase = _Phase(plan, asyncio.Queue(plan.queue_size), stub)
+        self._phase = _Phase(plan, asyncio.Queue(plan.queue_size), stub, target)
         self.tally = Tally((REPORT_METHOD,))
         self.refused = 0
 
@@ -232,7 +234,7 @@ class _PushWorker:
             while True:
                 batch = await batcher.take()
                 # Reports go out side by side, as the real worker's sender threads do.
-                report = asyncio.create_task(self._report(phase.stub, batch))
+                report = asyncio.create_task(self._report(phase, batch))
                 sending.add(report)
                 report.add_done_callback(sending.discard)
         finally:
@@ -249,9 +251,7 @@ class _PushWorker:
                 await asyncio.sleep(work_s)
             batcher.add(task_id, arrived)
 
-    async def _report(
-        self, stub: pb_grpc.ConsumerServiceStub, batch: list[tuple[str, float]]
-    ) -> None:
+    async def _report(self, phase: _Phase, batch: list[tuple[str, float]]) -> None:
         request = pb.SetBatchActivationStatusRequest(
             updates=[
                 pb.SetTaskStatusRequest(id=task_id, status=pb.TASK_ACTIVATION_STATUS_COMPLETE)
@@ -263,7 +263,9 @@ class _PushWorker:
             await asyncio.sleep(pause_s)
             started = time.perf_counter()
             try:
-                await stub.SetBatchActivationStatus(request, timeout=RPC_TIMEOUT_S)  # type: ignore[misc]
+                await phase.stub.SetBatchActivationStatus(  # type: ignore[misc]
+                    request, timeout=RPC_TIMEOUT_S
+                )
             except grpc.aio.AioRpcError as error:
                 self.tally.answered(REPORT_METHOD, started)
                 self.tally.report.errors[error.code().name] += 1
@@ -274,7 +276,7 @@ class _PushWorker:
             self.tally.answered(REPORT_METHOD, started)
             recorded = time.perf_counter()
             for task_id, arrived in batch:
-                self.tally.completed((task_id,), (recorded - arrived) * 1000)
+                self.tally.completed((task_id,), (recorded - arrived) * 1000, phase.target)
             return
 
 
@@ -302,7 +304,8 @@ async def _serve(index: int, signals: _Signals) -> None:
             if order.target not in channels:
                 channels[order.target] = grpc.aio.insecure_channel(order.target)
                 await asyncio.wait_for(channels[order.target].channel_ready(), _START_TIMEOUT_S)
-            worker.prepare(order.plan, pb_grpc.ConsumerServiceStub(channels[order.target]))
+            stub = pb_grpc.ConsumerServiceStub(channels[order.target])
+            worker.prepare(order.plan, stub, order.target)
             signals.prepared.put(index)
             signals.reports.put(await _run_phase(index, worker, signals))
     finally:

@@ -4,8 +4,14 @@ workers here (GetTask → simulated work → SetTaskStatus(COMPLETE, fetch_next_
 per call), batch workers in `loadtest.batch_workers`; the processes, the accounting and the
 stop and progress machinery are the same for both.
 
+With several brokers, every coroutine has its own `Rotation` over them (the rule, and how
+it follows taskbroker-client's pull worker, is in `loadtest.rotation`): it asks one broker
+for tasks, reports their results to that broker, and moves on when it answers NOT_FOUND or
+UNAVAILABLE; results a broker did not take are parked and sent again once it is back.
+
 Every RPC's latency and status is recorded, and every task id received and completed, so
-the run can account for each activation. Two latencies per task:
+the run can account for each activation, and each completion is attributed to the broker
+whose answer acknowledged it. Two latencies per task:
 
 - its call latency: the latency of the call that carried its result and was answered (one
   value per task, so a batch call of 32 results counts 32 times); with no simulated work,
@@ -27,7 +33,8 @@ import math
 import multiprocessing
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import SynchronizedArray
 from multiprocessing.synchronize import Event as EventType
@@ -38,6 +45,7 @@ import grpc
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2_grpc as pb_grpc
 from loadtest.producer import APPLICATION
+from loadtest.rotation import Held, Rotation
 
 RPC_TIMEOUT_S = 10.0
 _START_TIMEOUT_S = 60.0
@@ -47,6 +55,13 @@ _ERROR_SLEEP_S = 0.01
 _PUBLISH_INTERVAL_S = 0.1
 # Statuses after which a worker sends the same results again (WIRE.md: workers retry).
 RETRIED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# gRPC's default reconnect backoff grows to minutes: after a broker was down for seconds,
+# its workers would come back long after it did, and a restart would look slower than it is.
+_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
 
 
 class Worker(Protocol):
@@ -70,12 +85,16 @@ class WorkerKind(Protocol):
     def batch(self) -> int:
         """Tasks one coroutine holds at once: `workers` slots take workers / batch of them."""
 
-    def worker(self, channel: grpc.aio.Channel, plan: WorkerPlan) -> Worker: ...
+    def worker(
+        self, channels: Mapping[str, grpc.aio.Channel], rotation: Rotation, plan: WorkerPlan
+    ) -> Worker:
+        """A coroutine with a channel to each broker, starting where `rotation` is."""
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerPlan:
-    target: str
+    targets: tuple[str, ...]
+    """The brokers, HOST:PORT."""
     threads: int
     """Coroutines per process."""
     work_s: float
@@ -100,6 +119,8 @@ class WorkerReport:
     empty_polls: int = 0
     received: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
+    completed_by_target: Counter[str] = field(default_factory=Counter)
+    """Completions by the broker whose answer acknowledged them."""
     task_latencies_ms: list[float] = field(default_factory=list)
     """One per completed task: the latency of the call that carried its result."""
     last_completion: float = 0.0
@@ -117,6 +138,7 @@ class WorkerReport:
         self.empty_polls += other.empty_polls
         self.received += other.received
         self.completed += other.completed
+        self.completed_by_target.update(other.completed_by_target)
         self.task_latencies_ms += other.task_latencies_ms
         self.last_completion = max(self.last_completion, other.last_completion)
         for task_id, latency_ms in other.claim_latencies_ms.items():
@@ -146,12 +168,13 @@ class Tally:
         self.report.latencies_ms[method].append(latency_ms)
         return latency_ms
 
-    def completed(self, ids: Iterable[str], call_ms: float) -> None:
-        """Tasks whose results one answered call of `call_ms` carried."""
+    def completed(self, ids: Iterable[str], call_ms: float, target: str) -> None:
+        """Tasks whose results one answered call of `call_ms` to `target` carried."""
         before = len(self.report.completed)
         self.report.completed.extend(ids)
         done = len(self.report.completed) - before
         if done:
+            self.report.completed_by_target[target] += done
             self.report.task_latencies_ms.extend([call_ms] * done)
             self.report.last_completion = time.time()
             self.completed_count += done
@@ -165,6 +188,15 @@ class Tally:
         await asyncio.sleep(_ERROR_SLEEP_S)
 
 
+def report_refused(rotation: Rotation, held: Held, code: grpc.StatusCode) -> None:
+    """The broker did not take the results of `held`: pause it if it did not answer, and
+    park them unless it never will take them."""
+    if code is grpc.StatusCode.UNAVAILABLE:
+        rotation.unavailable(held.target, time.monotonic())
+    if code in RETRIED_CODES:
+        rotation.park(held)
+
+
 @dataclass(frozen=True, slots=True)
 class UnaryWorkers:
     """ConsumerService: one coroutine per worker slot, one task per call."""
@@ -172,74 +204,96 @@ class UnaryWorkers:
     name: ClassVar[str] = "unary"
     batch: ClassVar[int] = 1
 
-    def worker(self, channel: grpc.aio.Channel, plan: WorkerPlan) -> Worker:
-        return _UnaryWorker(pb_grpc.ConsumerServiceStub(channel), plan)
+    def worker(
+        self, channels: Mapping[str, grpc.aio.Channel], rotation: Rotation, plan: WorkerPlan
+    ) -> Worker:
+        return _UnaryWorker(channels, rotation, plan)
 
 
 class _UnaryWorker:
     """One simulated unary worker.
 
-    Workers are coroutines on one grpc.aio channel per process rather than threads: a
-    thread per worker spent more of this machine's two cores on the load generator than
-    the broker got."""
+    Workers are coroutines on one grpc.aio channel per broker and process rather than
+    threads: a thread per worker spent more of this machine's two cores on the load
+    generator than the broker got."""
 
-    def __init__(self, stub: pb_grpc.ConsumerServiceStub, plan: WorkerPlan) -> None:
-        self._stub = stub
+    def __init__(
+        self, channels: Mapping[str, grpc.aio.Channel], rotation: Rotation, plan: WorkerPlan
+    ) -> None:
+        self._stubs = {
+            target: pb_grpc.ConsumerServiceStub(channel) for target, channel in channels.items()
+        }
+        self._rotation = rotation
         self._work_s = plan.work_s
         self._empty_poll_sleep_s = plan.empty_poll_sleep_s
         self.tally = Tally(("GetTask", "SetTaskStatus"))
 
     async def run(self) -> None:
-        held: pb.TaskActivation | None = None
+        held: Held | None = None
         while True:
             held = await self.step(held)
 
-    async def step(self, held: pb.TaskActivation | None) -> pb.TaskActivation | None:
-        """One RPC: ask for a task, or complete the one held; the task held next."""
-        return await (self._get_task() if held is None else self._complete(held))
+    async def step(self, held: Held | None) -> Held | None:
+        """One RPC: complete the task held, send a parked result again, or ask for a task;
+        the task held next."""
+        if held is not None:
+            if self._work_s:
+                await asyncio.sleep(self._work_s)
+            return await self._complete(held, fetch_next=True)
+        target, parked = self._rotation.next_call(time.monotonic())
+        if parked is not None:
+            return await self._complete(parked, fetch_next=False)
+        return await self._get_task(target)
 
-    async def _get_task(self) -> pb.TaskActivation | None:
+    async def _get_task(self, target: str) -> Held | None:
         started = time.perf_counter()
         try:
-            response = await self._stub.GetTask(  # type: ignore[misc]
+            response = await self._stubs[target].GetTask(  # type: ignore[misc]
                 pb.GetTaskRequest(application=APPLICATION), timeout=RPC_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as error:
             code = error.code()
             if code is grpc.StatusCode.NOT_FOUND:
                 self.tally.empty_poll()
+                self._rotation.empty(target)
                 await asyncio.sleep(self._empty_poll_sleep_s)
             else:
                 await self.tally.failed("GetTask", code, started)
+                if code is grpc.StatusCode.UNAVAILABLE:
+                    self._rotation.unavailable(target, time.monotonic())
             return None
         self.tally.answered("GetTask", started)
         task: pb.TaskActivation = response.task
         self.tally.received(task)
-        return task
+        return Held(target, (task,))
 
-    async def _complete(self, task: pb.TaskActivation) -> pb.TaskActivation | None:
-        if self._work_s:
-            await asyncio.sleep(self._work_s)
-        started = time.perf_counter()
+    async def _complete(self, held: Held, *, fetch_next: bool) -> Held | None:
+        (task,) = held.tasks
         request = pb.SetTaskStatusRequest(
             id=task.id,
             status=pb.TASK_ACTIVATION_STATUS_COMPLETE,
-            fetch_next_task=pb.FetchNextTask(application=APPLICATION),
+            fetch_next_task=pb.FetchNextTask(application=APPLICATION) if fetch_next else None,
         )
+        started = time.perf_counter()
         try:
-            response = await self._stub.SetTaskStatus(  # type: ignore[misc]
+            response = await self._stubs[held.target].SetTaskStatus(  # type: ignore[misc]
                 request, timeout=RPC_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as error:
             code = error.code()
             await self.tally.failed("SetTaskStatus", code, started)
-            return task if code in RETRIED_CODES else None
-        self.tally.completed((task.id,), self.tally.answered("SetTaskStatus", started))
+            report_refused(self._rotation, held, code)
+            return None
+        latency_ms = self.tally.answered("SetTaskStatus", started)
+        self.tally.completed((task.id,), latency_ms, held.target)
+        if not fetch_next:
+            return None
         if not response.HasField("task"):
+            self._rotation.empty(held.target)
             return None
         following: pb.TaskActivation = response.task
         self.tally.received(following)
-        return following
+        return Held(held.target, (following,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,10 +311,29 @@ def _worker_process(index: int, plan: WorkerPlan, signals: _Signals) -> None:
     asyncio.run(_serve_workers(index, plan, signals))
 
 
-async def _serve_workers(index: int, plan: WorkerPlan, signals: _Signals) -> None:
-    async with grpc.aio.insecure_channel(plan.target) as channel:
+async def _open_channels(
+    stack: AsyncExitStack, targets: Iterable[str]
+) -> dict[str, grpc.aio.Channel]:
+    """A channel to each broker, once it is connected."""
+    channels = {
+        target: await stack.enter_async_context(
+            grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        )
+        for target in targets
+    }
+    for channel in channels.values():
         await asyncio.wait_for(channel.channel_ready(), _START_TIMEOUT_S)
-        workers = [plan.kind.worker(channel, plan) for _ in range(plan.threads)]
+    return channels
+
+
+async def _serve_workers(index: int, plan: WorkerPlan, signals: _Signals) -> None:
+    async with AsyncExitStack() as stack:
+        channels = await _open_channels(stack, plan.targets)
+        # Numbered across processes, so that the workers start spread over the brokers.
+        workers = [
+            plan.kind.worker(channels, Rotation(plan.targets, index * plan.threads + k), plan)
+            for k in range(plan.threads)
+        ]
         signals.ready.put(index)
         await asyncio.to_thread(signals.go.wait, _START_TIMEOUT_S)
         cpu_started = time.process_time()
@@ -283,20 +356,22 @@ async def _serve_workers(index: int, plan: WorkerPlan, signals: _Signals) -> Non
     signals.reports.put(report)
 
 
-def complete_tasks(target: str, count: int, timeout_s: float) -> list[str]:
-    """One worker in this process completes `count` tasks (a warm-up); their ids.
+def complete_tasks(targets: tuple[str, ...], count: int, timeout_s: float) -> list[str]:
+    """One worker in this process completes `count` tasks from `targets` (a warm-up); their
+    ids.
 
     Raises TimeoutError when they are not all complete within `timeout_s`.
     """
-    return asyncio.run(_complete_tasks(target, count, timeout_s))
+    return asyncio.run(_complete_tasks(targets, count, timeout_s))
 
 
-async def _complete_tasks(target: str, count: int, timeout_s: float) -> list[str]:
+async def _complete_tasks(targets: tuple[str, ...], count: int, timeout_s: float) -> list[str]:
     deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(target) as channel:
-        plan = WorkerPlan(target, 1, 0.0, EMPTY_POLL_SLEEP_MS / 1000, UnaryWorkers())
-        worker = _UnaryWorker(pb_grpc.ConsumerServiceStub(channel), plan)
-        held: pb.TaskActivation | None = None
+    async with AsyncExitStack() as stack:
+        channels = await _open_channels(stack, targets)
+        plan = WorkerPlan(targets, 1, 0.0, EMPTY_POLL_SLEEP_MS / 1000, UnaryWorkers())
+        worker = _UnaryWorker(channels, Rotation(targets, 0), plan)
+        held: Held | None = None
         while (done := worker.tally.completed_count) < count:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{done} of {count} tasks completed in time")
@@ -311,7 +386,7 @@ class Progress:
 
 
 def run_workers(
-    target: str,
+    targets: tuple[str, ...],
     *,
     processes: int,
     threads: int,
@@ -322,9 +397,11 @@ def run_workers(
     kind: WorkerKind | None = None,
     on_started: Callable[[], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    settled: Callable[[], bool] | None = None,
 ) -> tuple[WorkerReport, float, float]:
-    """Run the workers until `until_completed` tasks are complete or `max_seconds` pass:
-    `threads` coroutines of `kind` (default unary) in each of `processes` processes.
+    """Run the workers until `until_completed` tasks are complete (and `settled()`, when
+    given, says nothing is left to do) or `max_seconds` pass: `threads` coroutines of
+    `kind` (default unary) in each of `processes` processes, spread over `targets`.
 
     `on_started` is called once every worker is connected and told to go. Returns the
     merged report, the wall-clock time the workers started, and when the run stopped.
@@ -337,7 +414,7 @@ def run_workers(
     completed = context.Array("q", processes)
     signals = _Signals(ready, go, stop, completed, reports)
     plan = WorkerPlan(
-        target, threads, work_ms / 1000, empty_poll_sleep_ms / 1000, kind or UnaryWorkers()
+        targets, threads, work_ms / 1000, empty_poll_sleep_ms / 1000, kind or UnaryWorkers()
     )
     children = [
         context.Process(
@@ -362,7 +439,7 @@ def run_workers(
             done = sum(completed[:])
             if on_progress is not None:
                 on_progress(Progress(done, elapsed))
-            if done >= until_completed:
+            if done >= until_completed and (settled is None or settled()):
                 break
             time.sleep(0.2)
         stop.set()

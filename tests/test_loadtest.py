@@ -22,21 +22,24 @@ from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.wire.taskbroker_actors.v1 import batch_pb2
 from loadtest import compare, exposition, latency
 from loadtest.batch_workers import BatchWorkers
-from loadtest.e2e import (
-    MAILBOX_WAIT,
+from loadtest.broker import (
     BrokerSetup,
-    Phase,
-    backlog_ingested,
     broker_environment,
     cpu_seconds,
     cpu_us_per_task,
-    mailboxes,
     memory_mb,
+)
+from loadtest.e2e import (
+    MAILBOX_WAIT,
+    Phase,
+    backlog_ingested,
+    mailboxes,
     percentiles,
     summarize,
     summary_line,
 )
 from loadtest.plots import write_report
+from loadtest.rotation import Held, Rotation
 from loadtest.workers import Tally, UnaryWorkers, WorkerPlan, WorkerReport
 
 
@@ -79,8 +82,8 @@ def test_batch_slots_map_to_coroutines_of_n_tasks_at_least_one_per_process() -> 
 
 def test_a_call_that_carries_several_results_is_each_task_s_latency() -> None:
     tally = Tally(("ReportAndFetch",))
-    tally.completed(["a", "b", "c"], 4.0)
-    tally.completed([], 9.0)
+    tally.completed(["a", "b", "c"], 4.0, "broker")
+    tally.completed([], 9.0, "broker")
     assert tally.report.completed == ["a", "b", "c"]
     assert tally.report.task_latencies_ms == [4.0, 4.0, 4.0]
     assert tally.completed_count == 3
@@ -108,6 +111,8 @@ class _ScriptedChannel:
         async def call(request: Any, timeout: float) -> batch_pb2.FetchTasksResponse:
             if method == "ReportAndFetch":
                 ids, wait_ms = [r.id for r in request.results], request.fetch.wait_ms
+            elif method == "ReportResults":
+                ids, wait_ms = [r.id for r in request.results], 0
             else:
                 ids, wait_ms = [], request.wait_ms
             self.calls.append((method, ids, wait_ms))
@@ -124,20 +129,21 @@ def test_batch_workers_report_what_they_hold_and_account_for_every_task() -> Non
         [
             [],  # an empty waiting fetch: an empty poll, no latency
             ["a", "b"],
-            grpc.StatusCode.UNAVAILABLE,  # the results are sent again
+            grpc.StatusCode.UNAVAILABLE,  # the results are parked, then sent again
+            [],
             ["c"],
             grpc.StatusCode.INVALID_ARGUMENT,  # not retried: c is dropped
             [],
         ]
     )
     kind = BatchWorkers(batch=4, wait_ms=300)
-    plan = WorkerPlan("unused", 1, 0.0, 0.0, kind)
+    plan = WorkerPlan(("broker",), 1, 0.0, 0.0, kind)
+    # No pause after UNAVAILABLE, so that the parked results are due at the next step.
+    worker: Any = kind.worker({"broker": channel}, Rotation(("broker",), 0, pause_s=0.0), plan)
 
-    worker: Any = kind.worker(channel, plan)
-
-    async def steps() -> tuple[Tally, list[pb.TaskActivation]]:
-        held: list[pb.TaskActivation] = []
-        for _ in range(6):
+    async def steps() -> tuple[Tally, Held | None]:
+        held: Held | None = None
+        for _ in range(7):
             held = await worker.step(held)
         return worker.tally, held
 
@@ -146,21 +152,23 @@ def test_batch_workers_report_what_they_hold_and_account_for_every_task() -> Non
         ("FetchTasks", [], 300),
         ("FetchTasks", [], 300),
         ("ReportAndFetch", ["a", "b"], 0),  # results are not held back by a wait
-        ("ReportAndFetch", ["a", "b"], 0),
+        ("ReportResults", ["a", "b"], 0),  # parked results fetch nothing more
+        ("FetchTasks", [], 300),
         ("ReportAndFetch", ["c"], 0),
         ("FetchTasks", [], 300),
     ]
-    assert held == []
+    assert held is None
     report = tally.report
     assert (report.received, report.completed) == (["a", "b", "c"], ["a", "b"])
+    assert report.completed_by_target == {"broker": 2}
     assert (report.empty_polls, dict(report.errors)) == (
         2,
         {"UNAVAILABLE": 1, "INVALID_ARGUMENT": 1},
     )
     assert len(report.task_latencies_ms) == 2
-    assert report.task_latencies_ms[0] == report.latencies_ms["ReportAndFetch"][1]
-    assert len(report.latencies_ms["FetchTasks"]) == 1
-    assert len(report.latencies_ms["ReportAndFetch"]) == 3
+    assert report.task_latencies_ms[0] == report.latencies_ms["ReportResults"][0]
+    assert len(report.latencies_ms["FetchTasks"]) == 2
+    assert len(report.latencies_ms["ReportAndFetch"]) == 2
 
 
 def test_the_unary_kind_holds_one_task_per_coroutine() -> None:
