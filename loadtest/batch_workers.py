@@ -147,5 +147,5 @@ class _BatchWorker:
             self._rotation.empty(target)
             return None
         for task in tasks:
-            self.tally.received(task)
+            self.tally.received(task, target)
         return Held(target, tasks)

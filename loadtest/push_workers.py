@@ -201,7 +201,7 @@ class _PushWorker:
         if phase is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no phase prepared")
         elif await self._queued(phase, (request.task.id, time.perf_counter())):
-            self.tally.received(request.task)
+            self.tally.received(request.task, phase.target)
         else:
             self.refused += 1
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "worker busy")

@@ -118,6 +118,8 @@ class WorkerReport:
     errors: Counter[str] = field(default_factory=Counter)
     empty_polls: int = 0
     received: list[str] = field(default_factory=list)
+    received_from: list[str] = field(default_factory=list)
+    """The broker each of `received` came from, in the same order."""
     completed: list[str] = field(default_factory=list)
     completed_by_target: Counter[str] = field(default_factory=Counter)
     """Completions by the broker whose answer acknowledged them."""
@@ -137,6 +139,7 @@ class WorkerReport:
         self.errors.update(other.errors)
         self.empty_polls += other.empty_polls
         self.received += other.received
+        self.received_from += other.received_from
         self.completed += other.completed
         self.completed_by_target.update(other.completed_by_target)
         self.task_latencies_ms += other.task_latencies_ms
@@ -154,9 +157,10 @@ class Tally:
         self.report = WorkerReport(latencies_ms={method: [] for method in methods})
         self.completed_count = 0
 
-    def received(self, task: pb.TaskActivation) -> None:
+    def received(self, task: pb.TaskActivation, target: str) -> None:
         arrived = time.time()
         self.report.received.append(task.id)
+        self.report.received_from.append(target)
         if task.HasField("received_at"):
             produced = task.received_at.seconds + task.received_at.nanos / 1e9
             self.report.claim_latencies_ms.setdefault(task.id, (arrived - produced) * 1000)
@@ -264,7 +268,7 @@ class _UnaryWorker:
             return None
         self.tally.answered("GetTask", started)
         task: pb.TaskActivation = response.task
-        self.tally.received(task)
+        self.tally.received(task, target)
         return Held(target, (task,))
 
     async def _complete(self, held: Held, *, fetch_next: bool) -> Held | None:
@@ -292,7 +296,7 @@ class _UnaryWorker:
             self._rotation.empty(held.target)
             return None
         following: pb.TaskActivation = response.task
-        self.tally.received(following)
+        self.tally.received(following, held.target)
         return Held(held.target, (following,))
 
 

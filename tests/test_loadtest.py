@@ -54,6 +54,7 @@ def test_every_produced_id_is_accounted_for() -> None:
         latencies_ms={"GetTask": [1.0], "SetTaskStatus": [2.0, 3.0]},
         errors=Counter({"UNAVAILABLE": 1}),
         received=["a", "b", "b", "x"],
+        received_from=["broker"] * 4,
         completed=["a", "b", "x"],
         task_latencies_ms=[2.0, 3.0, 3.0],
         last_completion=12.0,

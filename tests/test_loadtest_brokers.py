@@ -149,7 +149,18 @@ def test_a_unary_worker_reports_to_the_broker_that_handed_out_the_task() -> None
     report = worker.tally.report
     assert report.completed == ["t1", "t2", "t3"]
     assert report.completed_by_target == {"b": 2, "a": 1}
+    assert report.received_from == ["b", "a", "b"]
     assert (dict(report.errors), report.empty_polls) == ({"UNAVAILABLE": 1}, 1)
+
+
+def test_duplicates_are_told_apart_by_the_broker_they_came_from() -> None:
+    report = WorkerReport(
+        received=["t1", "t2", "t1", "t3", "t3", "t3", "t4"],
+        received_from=["a", "a", "a", "a", "b", "b", "b"],
+    )
+    # t1 twice from a; t3 from a, then twice from b: one more from a's, one from another.
+    assert e2e.duplicates_by_source(report) == {"same_broker": 2, "across_brokers": 1}
+    assert e2e.duplicates_by_source(WorkerReport()) == {"same_broker": 0, "across_brokers": 0}
 
 
 def test_completions_are_attributed_to_the_broker_that_acknowledged_them() -> None:
@@ -242,7 +253,11 @@ def test_a_brokers_line_shows_each_broker_and_the_restart() -> None:
         "held_when_back": 40,
         "drained_at_s": None,
     }
-    line = e2e.brokers_line(_brokers_result(kill_one=timeline))
+    sources = {"same_broker": 2, "across_brokers": 5}
+    line = e2e.brokers_line(
+        _brokers_result(kill_one=timeline, duplicates=7, duplicates_by_source=sources)
+    )
+    assert "7 duplicates (2 from the same broker, 5 from another), 0 errors" in line
     assert line.endswith("broker 1 killed at 5.0 s, taken over 14.2 s, back 17.0 s, drained - s")
 
 
