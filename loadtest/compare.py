@@ -59,7 +59,8 @@ from actors.statemachine import Limits
 from actors.store import SqliteStore
 from actors.writer import SqliteWriter, WriterConfig
 from loadtest.batch_workers import BatchWorkers
-from loadtest.e2e import STATE_ACTOR, BrokerSetup, Phase, session, summary_line
+from loadtest.broker import BrokerSetup
+from loadtest.e2e import STATE_ACTOR, Phase, session, summary_line
 from loadtest.push_workers import PushDelivery
 from loadtest.report import machine
 

@@ -59,6 +59,7 @@ from actors.embedded_kafka import EmbeddedKafka, free_port
 from loadtest.batch_workers import DEFAULT_BATCH, DEFAULT_WAIT_MS, BatchWorkers
 from loadtest.broker import (
     HOST,
+    BrokerSetup,
     broker_process,
     cpu_seconds,
     cpu_share,
@@ -68,8 +69,6 @@ from loadtest.broker import (
 )
 
 # Re-exported: they lived here before loadtest.broker, and tests import them from here.
-from loadtest.broker import BrokerSetup as BrokerSetup  # noqa: PLC0414
-from loadtest.broker import broker_environment as broker_environment  # noqa: PLC0414
 from loadtest.cluster import Background, Cluster, KillOne, running_cluster
 from loadtest.exposition import (
     buckets_by_label,

@@ -30,7 +30,8 @@ from actors.activation import encode_activation
 from actors.embedded_kafka import free_port
 from actors.errors import KafkaUnavailable
 from actors.producer import KafkaProducer, OutgoingMessage, ProducerConfig
-from loadtest.e2e import BrokerSetup, percentiles, session
+from loadtest.broker import BrokerSetup
+from loadtest.e2e import percentiles, session
 from loadtest.exposition import histogram_buckets, observed_between, scrape
 from loadtest.producer import APPLICATION, task_ids
 from loadtest.report import machine

@@ -19,7 +19,8 @@ from actors.embedded_kafka import EmbeddedKafka
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2_grpc as pb_grpc
 from loadtest import e2e
-from loadtest.e2e import BrokerSetup, Phase, Session, broker_environment
+from loadtest.broker import BrokerSetup, broker_environment
+from loadtest.e2e import Phase, Session
 from loadtest.producer import APPLICATION
 from loadtest.push_workers import PushDelivery, PushPlan, PushRun, PushWorkerPool
 
