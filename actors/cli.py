@@ -15,15 +15,21 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient
+
 from actors import config as configuration
 from actors import status
 from actors.activation import encode_activation
 from actors.config import Config
+from actors.embedded_kafka import EMBEDDED_KAFKA_HOST
 from actors.errors import ConfigError
 from actors.producer import KafkaProducer, OutgoingMessage, ProducerConfig
 from actors.records import OnAttemptsExceeded
@@ -33,6 +39,11 @@ _PRODUCE_CHUNK = 10_000
 """Activations produced and awaited per call: bounds memory for large counts."""
 
 _ID_PREFIX_CHARS = 12
+
+_KAFKA_PROBE_S = 5.0
+"""How long `produce` waits for Kafka to answer at all before saying that none does, instead
+of waiting out --timeout for acknowledgements that cannot come."""
+_PROBE_SLICE_S = 0.5
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -99,6 +110,38 @@ def produce_activations(
     return ProduceOutcome(acknowledged, 0, None)
 
 
+def kafka_answers(bootstrap_servers: str, timeout_s: float) -> bool:
+    """Whether a Kafka at `bootstrap_servers` answers a metadata request within `timeout_s`.
+
+    Gives up early once librdkafka finds every bootstrap server down (connection refused),
+    which it reports within milliseconds, instead of waiting out `timeout_s`.
+    """
+    all_down = threading.Event()
+
+    def on_error(error: KafkaError) -> None:
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            all_down.set()
+
+    # log_level 0: the caller says what a failed probe means; librdkafka's lines would not.
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0}, error_cb=on_error)
+    deadline = time.monotonic() + timeout_s
+    while (remaining_s := deadline - time.monotonic()) > 0:
+        try:
+            admin.list_topics(timeout=min(remaining_s, _PROBE_SLICE_S))
+        except KafkaException:
+            admin.poll(0)  # serves on_error
+            if all_down.is_set():
+                return False
+        else:
+            return True
+    return False
+
+
+def _local_kafka() -> str:
+    """Where `taskbroker run` starts its embedded Kafka by default."""
+    return f"{EMBEDDED_KAFKA_HOST}:{Config().embedded_kafka_port}"
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -127,35 +170,85 @@ def _add_produce(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         description="Write COUNT activations (msgpack parameters) and wait for Kafka to "
         "acknowledge them; exits non-zero if any was not acknowledged.",
     )
-    parser.add_argument("--count", type=_positive_int, required=True)
-    parser.add_argument("--namespace", required=True)
-    parser.add_argument("--taskname", required=True)
-    parser.add_argument("--application", default=None)
-    parser.add_argument("--delay", type=_non_negative_int, default=None, metavar="S")
-    parser.add_argument("--expires", type=_non_negative_int, default=None, metavar="S")
-    parser.add_argument("--at-most-once", action="store_true")
-    parser.add_argument("--max-attempts", type=_positive_int, default=1, metavar="N")
+    parser.add_argument(
+        "--count",
+        type=_positive_int,
+        required=True,
+        metavar="N",
+        help="activations to write (required)",
+    )
+    parser.add_argument("--namespace", required=True, help="the activations' namespace (required)")
+    parser.add_argument(
+        "--taskname", required=True, help="the task a worker runs for them (required)"
+    )
+    parser.add_argument(
+        "--application",
+        default=None,
+        help="the application they belong to, for workers that filter on it (default: none)",
+    )
+    parser.add_argument(
+        "--delay",
+        type=_non_negative_int,
+        default=None,
+        metavar="S",
+        help="hold each activation back for S seconds before a worker may get it "
+        "(default: no delay)",
+    )
+    parser.add_argument(
+        "--expires",
+        type=_non_negative_int,
+        default=None,
+        metavar="S",
+        help="discard an activation not yet handed out S seconds after it arrives (default: never)",
+    )
+    parser.add_argument(
+        "--at-most-once",
+        action="store_true",
+        help="never hand an activation out twice, even after a worker is lost (default: off)",
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="attempts per activation, the first included (default: %(default)s)",
+    )
     parser.add_argument(
         "--deadletter",
         action="store_true",
-        help="dead-letter the task when its attempts run out (default: discard it)",
+        help="dead-letter an activation when its attempts run out (default: off, discard it)",
     )
-    parser.add_argument("--processing-deadline", type=_positive_int, default=10, metavar="S")
+    parser.add_argument(
+        "--processing-deadline",
+        type=_positive_int,
+        default=10,
+        metavar="S",
+        help="seconds a worker has for one attempt before it is handed out again "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
         "--param-bytes",
         type=_non_negative_int,
         default=0,
         metavar="N",
-        help="pad the parameters with about N bytes",
+        help="pad the parameters with about N bytes (default: %(default)s)",
     )
-    parser.add_argument("--kafka", default="127.0.0.1:9092", metavar="HOST:PORT")
-    parser.add_argument("--topic", default="taskworker")
+    parser.add_argument(
+        "--kafka",
+        default=_local_kafka(),
+        metavar="HOST:PORT",
+        help="Kafka bootstrap servers; `taskbroker run` without --kafka starts one here "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--topic", default="taskworker", help="the topic to write to (default: %(default)s)"
+    )
     parser.add_argument(
         "--timeout",
         type=_positive_float,
         default=30.0,
         metavar="S",
-        help="how long to wait for Kafka's acknowledgements",
+        help="how long to wait for Kafka's acknowledgements (default: %(default)s)",
     )
     parser.set_defaults(handler=_produce)
 
@@ -173,6 +266,14 @@ def _produce(args: argparse.Namespace) -> int:
         processing_deadline_s=args.processing_deadline,
         param_bytes=args.param_bytes,
     )
+    if not kafka_answers(args.kafka, min(args.timeout, _KAFKA_PROBE_S)):
+        print(
+            f"taskbroker produce: no Kafka answers at {args.kafka} (--kafka). "
+            f"`taskbroker run` without --kafka starts one at {_local_kafka()}; "
+            "or name a running Kafka with --kafka HOST:PORT.",
+            file=sys.stderr,
+        )
+        return 1
     timeout_ms = round(args.timeout * 1000)
     try:
         producer = KafkaProducer(
@@ -195,25 +296,70 @@ def _produce(args: argparse.Namespace) -> int:
     return 0
 
 
+_CONFIG_EPILOG = (
+    "Defaults shown are the built-in ones: a --config file and TASKBROKER_* environment "
+    "variables change them, and these flags override both. `taskbroker config` prints every key."
+)
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags shared by `run` and `config`: a file, the common keys, and any key by name."""
-    parser.add_argument("--config", type=Path, default=None, metavar="PATH", help="a TOML file")
+    """The flags shared by `run` and `config`: a file, the common keys, and any key by name.
+
+    The flags default to None, meaning "not given" (the file and the environment decide),
+    so their help states the built-in default instead of argparse's None.
+    """
+    defaults = Config()
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a TOML file of configuration keys (default: none)",
+    )
     parser.add_argument(
         "--kafka",
         default=None,
         metavar="HOST:PORT",
-        help="Kafka bootstrap servers (kafka_cluster); absent: start the embedded Kafka",
+        help="Kafka bootstrap servers, key kafka_cluster (default: none: start the embedded "
+        "Kafka, for development)",
     )
-    parser.add_argument("--embedded-kafka-port", type=int, default=None, metavar="N")
-    parser.add_argument("--db", default=None, metavar="PATH", help="the SQLite file (db_path)")
-    parser.add_argument("--grpc-port", type=int, default=None, metavar="N")
-    parser.add_argument("--metrics-port", type=int, default=None, metavar="N", help="0: off")
+    parser.add_argument(
+        "--embedded-kafka-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"the embedded Kafka's port on {EMBEDDED_KAFKA_HOST}, key embedded_kafka_port "
+        f"(default: {defaults.embedded_kafka_port})",
+    )
+    parser.add_argument(
+        "--db",
+        default=None,
+        metavar="PATH",
+        help=f"the SQLite file, key db_path (default: {defaults.db_path})",
+    )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the workers' gRPC port, key grpc_port; 0 picks a free one "
+        f"(default: {defaults.grpc_port})",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the port of /metrics, /readyz and /status, key metrics_port; 0 turns it off "
+        f"(default: {defaults.metrics_port})",
+    )
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any configuration key, dotted for nesting (mailbox.state.size=500); repeatable",
+        help="any configuration key, dotted for nesting (mailbox.state.size=500); repeatable "
+        "(default: none)",
     )
 
 
@@ -247,6 +393,7 @@ def _add_run(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run the broker",
         description="Run the broker until SIGTERM or SIGINT. Without --kafka (or kafka_cluster "
         "in the configuration) it starts an embedded Kafka for development.",
+        epilog=_CONFIG_EPILOG,
     )
     _add_config_arguments(parser)
     parser.set_defaults(handler=_run)
@@ -265,13 +412,13 @@ def _run(args: argparse.Namespace) -> int:
     return Supervisor(config).run()
 
 
-
 def _add_config(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "config",
         help="print the effective configuration",
         description="Print the configuration `run` would use with the same flags and "
         "environment, as TOML, secrets masked.",
+        epilog=_CONFIG_EPILOG,
     )
     _add_config_arguments(parser)
     parser.set_defaults(handler=_config)

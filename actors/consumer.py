@@ -35,6 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import pykka
@@ -401,7 +402,7 @@ class KafkaConsumer(BrokerActor):
             self._consumer = Consumer(
                 {**config.client_settings(), "on_commit": self._on_commit},
                 logger=_client_log,
-                error_cb=_log_client_error,
+                error_cb=partial(_log_client_error, config.bootstrap_servers),
             )
         except KafkaException as exc:
             raise ConfigError(f"the Kafka consumer rejected its settings: {exc}") from exc
@@ -820,6 +821,14 @@ def _describe(error: KafkaError) -> str:
     return f"{error.name()}: {error.str()}"
 
 
-def _log_client_error(error: KafkaError) -> None:
-    # Connection trouble shows here long before a poll fails.
+def _log_client_error(bootstrap_servers: str, error: KafkaError) -> None:
+    # Connection trouble shows here long before a poll fails. librdkafka's words for a Kafka
+    # that is not there ("1/1 brokers are down") are rephrased for whoever started us with
+    # a wrong address; _client_log's filter repeats it every 30 s, with a count.
+    if error.code() == KafkaError._ALL_BROKERS_DOWN:
+        _client_log.warning(
+            "no Kafka answers at %s (the bootstrap servers): nothing is consumed until one does",
+            bootstrap_servers,
+        )
+        return
     _client_log.warning("kafka consumer: %s", _describe(error))

@@ -40,6 +40,9 @@ INSTALL_HINT = (
     "or set CALF_TANSU_BIN to an executable Tansu binary"
 )
 
+EMBEDDED_KAFKA_HOST = "127.0.0.1"
+"""Where the embedded Kafka listens unless told otherwise: it is for this machine only."""
+
 _POLL_INTERVAL_S = 0.05
 # On SIGTERM Tansu waits for every client to disconnect; a client left open would hold
 # it forever, and an in-memory broker has nothing to save, so the grace is short.
@@ -80,7 +83,7 @@ class EmbeddedKafka:
     def __init__(
         self,
         *,
-        host: str = "127.0.0.1",
+        host: str = EMBEDDED_KAFKA_HOST,
         port: int = 9092,
         topics: Sequence[TopicSpec] = DEFAULT_TOPICS,
         partitions: int = 1,
@@ -222,7 +225,8 @@ class EmbeddedKafka:
             except OSError as exc:
                 raise EmbeddedKafkaError(
                     f"cannot start the embedded Kafka: port {self.bootstrap} is already in use "
-                    f"({exc.strerror}); pick another port (free_port() finds one)"
+                    f"({exc.strerror}); another Kafka or taskbroker may be running there. "
+                    "Stop it, or choose another port"
                 ) from exc
 
     def _spawn(self, binary: str) -> subprocess.Popen[bytes]:
@@ -296,7 +300,10 @@ def _terminate(process: subprocess.Popen[bytes], grace_s: float) -> None:
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         _log.info(
-            "embedded kafka (pid %d) still has clients after SIGTERM; killing it", process.pid
+            "embedded kafka (pid %d): SIGKILL after a %.1f s grace, as usual: on SIGTERM "
+            "it waits for every client to hang up, and it keeps nothing worth waiting for",
+            process.pid,
+            grace_s,
         )
         _kill(process)
 

@@ -296,10 +296,16 @@ class GrpcFrontend(BrokerActor):
 
 def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # grpc's error says only that the bind failed (its C core logs the reason itself);
+    # a port in use, by another broker most likely, is the usual one.
+    problem = (
+        f"grpc_port (--grpc-port): cannot listen on {address}; another taskbroker may be "
+        "running there. Stop it, or choose another port with --grpc-port or grpc_port"
+    )
     try:
         bound = server.add_insecure_port(address)
-    except RuntimeError as error:
-        raise ConfigError(f"port: cannot listen on {address} (in use?): {error}") from None
+    except RuntimeError:
+        raise ConfigError(problem) from None
     if bound == 0:
-        raise ConfigError(f"port: cannot listen on {address} (in use?)")
+        raise ConfigError(problem)
     return int(bound)

@@ -1,8 +1,9 @@
 """The supervisor: builds every actor from the configuration, starts them in dependency order,
 watches them, and stops them in reverse order on SIGTERM/SIGINT.
 
-Start: (embedded Kafka) → state → writer → restore → upkeep → (pusher, in push mode) →
-consumer → gRPC → ready.
+Start: the database and the ports checked → (embedded Kafka) → state → writer → restore →
+upkeep → (pusher, in push mode) → consumer → gRPC → started; ready once Kafka assigns the
+consumer its partitions.
 Stop: not ready → pusher (its unacknowledged tasks back to pending) → gRPC (with a grace) →
 upkeep → consumer stops consuming → the state's last flush, committed by the writer →
 consumer commits the durable offsets → state → writer.
@@ -13,8 +14,10 @@ half-alive broker is worse than a restart, and the durability contract makes a r
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,10 +33,17 @@ import pykka.debug
 from actors.config import Config, DeliveryMode, StoreMode
 from actors.consumer import BatchLimits, ConsumerConfig, KafkaConsumer
 from actors.direct import DirectStore, SqliteDirectState, SqliteDirectStateClient
-from actors.embedded_kafka import EmbeddedKafka, TopicSpec
-from actors.errors import ActorUnavailable, BrokerError, StoreError
+from actors.embedded_kafka import EMBEDDED_KAFKA_HOST, EmbeddedKafka, TopicSpec
+from actors.errors import ActorUnavailable, BrokerError, ConfigError, StoreError
 from actors.frontend import FrontendConfig, GrpcFrontend
-from actors.messages import Connect, Drain, LoadAndRestore, StopConsuming
+from actors.messages import (
+    Connect,
+    ConsumerStats,
+    ConsumerStatsQuery,
+    Drain,
+    LoadAndRestore,
+    StopConsuming,
+)
 from actors.metrics import FirstClaimMetrics
 from actors.ops_http import OpsEndpoint
 from actors.producer import KafkaProducer, ProducerConfig
@@ -54,6 +64,10 @@ EXIT_STARTUP_FAILED = 2
 
 _RESTORE_TIMEOUT_S = 300.0
 _WATCH_INTERVAL_S = 0.25
+# A broker that never gets ready would otherwise be silent about it (librdkafka says
+# nothing of a host that drops packets until its 30 s connection timeout).
+_NOT_READY_FIRST_S = 10.0
+_NOT_READY_EVERY_S = 60.0
 
 
 class _Relay:
@@ -77,6 +91,8 @@ class Broker:
     grpc_port: int
     actors: list[tuple[str, pykka.ActorRef[Any]]] = field(default_factory=list)
     health: HealthMonitor | None = None
+    consuming: threading.Event = field(default_factory=threading.Event)
+    """Set at the consumer's first partition assignment; readiness waits for it."""
     embedded_kafka: EmbeddedKafka | None = None
     ops: OpsEndpoint | None = None
 
@@ -86,6 +102,55 @@ class Broker:
     def is_ready(self) -> bool:
         """Restored, consuming, and upkeep ticking: what /readyz and gRPC health say."""
         return self.health is not None and self.health.serving
+
+
+class ReadinessLog:
+    """Logs "ready" the first time the broker is ready (what /readyz says), and until then,
+    after `first_s` and every `every_s`, what it is still waiting for."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        started_at: float,
+        first_s: float = _NOT_READY_FIRST_S,
+        every_s: float = _NOT_READY_EVERY_S,
+    ) -> None:
+        self._broker = broker
+        self._started_at = started_at
+        self._every_s = every_s
+        self._next_report_at: float | None = started_at + first_s
+
+    def observe(self, ready: bool, now: float) -> None:
+        if self._next_report_at is None:
+            return
+        broker = self._broker
+        config = broker.config
+        if ready:
+            self._next_report_at = None
+            logger.info(
+                "taskbroker ready: consuming %s from Kafka %s, serving gRPC on %s:%d",
+                config.kafka_topic,
+                broker.kafka_bootstrap,
+                config.grpc_addr,
+                broker.grpc_port,
+            )
+        elif now >= self._next_report_at:
+            self._next_report_at = now + self._every_s
+            if broker.consuming.is_set():
+                logger.warning(
+                    "taskbroker not ready after %.0f s: consuming, but upkeep has not "
+                    "completed a tick lately (see /status)",
+                    now - self._started_at,
+                )
+                return
+            logger.warning(
+                "taskbroker not ready after %.0f s: Kafka %s has not assigned consumer "
+                "group %s its partitions of %s yet (is Kafka reachable?)",
+                now - self._started_at,
+                broker.kafka_bootstrap,
+                config.kafka_consumer_group,
+                config.kafka_topic,
+            )
 
 
 class Supervisor:
@@ -124,6 +189,7 @@ class Supervisor:
         # Before Kafka and the ops port: a database the broker cannot have is the likelier
         # mistake (a second broker from the same directory), and the one to report.
         check_database(Path(config.db_path))
+        check_ports(config)
         embedded = None
         bootstrap = config.kafka_cluster
         if not bootstrap:
@@ -273,7 +339,6 @@ class Supervisor:
             )
             broker.actors.append(("pusher", pusher))
 
-        consuming = threading.Event()
         consumer = KafkaConsumer.start(
             ConsumerConfig(
                 bootstrap_servers=broker.kafka_bootstrap,
@@ -298,7 +363,7 @@ class Supervisor:
             ),
             mailbox=mailboxes.consumer.to_runtime(),
             observer=metrics.mailbox,
-            assigned=consuming,
+            assigned=broker.consuming,
             name="consumer",
         )
         broker.actors.append(("consumer", consumer))
@@ -332,12 +397,13 @@ class Supervisor:
             heartbeat,
             frontend,
             unhealthy_after_s=config.upkeep_unhealthy_interval_ms / 1000,
-            consuming=consuming,
+            consuming=broker.consuming,
         )
         broker.health.start()
         broker.health.set_ready(True)
         logger.info(
-            "taskbroker ready: gRPC %s:%d, Kafka %s (topic %s), SQLite %s, metrics %s",
+            "taskbroker started: gRPC %s:%d, Kafka %s (topic %s), SQLite %s, metrics %s; "
+            "ready once Kafka assigns the consumer its partitions",
             config.grpc_addr,
             broker.grpc_port,
             broker.kafka_bootstrap,
@@ -350,6 +416,7 @@ class Supervisor:
 
     def _watch(self, broker: Broker) -> bool:
         """Wait for a stop request; True when it was an actor dying instead."""
+        readiness = ReadinessLog(broker, started_at=time.monotonic())
         while not self._stop_requested.wait(_WATCH_INTERVAL_S):
             dead = [name for name, ref in broker.actors if not ref.is_alive()]
             if dead:
@@ -359,6 +426,7 @@ class Supervisor:
                     ", ".join(dead),
                 )
                 return True
+            readiness.observe(broker.is_ready(), time.monotonic())
         logger.info("stop requested: shutting down")
         return False
 
@@ -381,6 +449,16 @@ class Supervisor:
         direct = self._config.store_mode is StoreMode.SQLITE_DIRECT
         if "state" in refs and ("writer" in refs or direct):
             _best_effort("final flush", lambda: _drain(refs["state"], deadline))
+        if "consumer" in refs:
+            # Asked after the last flush, whose Persisted reached the consumer first: these
+            # are the offsets that flush made durable, which the consumer's stop commits.
+            _best_effort(
+                "final offsets",
+                lambda: _log_final_offsets(
+                    self._config.kafka_topic,
+                    ask(refs["consumer"], ConsumerStatsQuery(), min(_left(deadline), 1.0)),
+                ),
+            )
         for name in ("consumer", "state", "writer"):
             _stop_actor(name, refs.get(name), deadline)
         if broker.embedded_kafka is not None:
@@ -450,3 +528,61 @@ def check_database(db_path: Path) -> None:
             f"db_path: the directory {db_path.parent} of the SQLite store does not exist"
         )
     DatabaseLock(db_path).release()
+
+
+def check_ports(config: Config) -> None:
+    """Refuse a port the broker could not listen on before anything starts, naming its key
+    and flag: the likeliest cause is another broker, and the front end's own bind would
+    fail later, after the embedded Kafka started, and with grpc's C core printing its own
+    error lines first (those still appear if another process takes the port in between)."""
+    wanted = {"grpc_port": (config.grpc_addr, config.grpc_port)}
+    if config.metrics_port:  # 0 turns the endpoint off
+        wanted["metrics_port"] = (config.metrics_addr, config.metrics_port)
+    if not config.kafka_cluster:
+        wanted["embedded_kafka_port"] = (EMBEDDED_KAFKA_HOST, config.embedded_kafka_port)
+    taken: dict[int, str] = {}
+    for key, (host, port) in wanted.items():
+        if port == 0:  # a free port is picked
+            continue
+        if port in taken:
+            raise ConfigError(f"{taken[port]} and {key} are both {port}; give each its own port")
+        taken[port] = key
+        _check_port(key, host, port)
+
+
+def _check_port(key: str, host: str, port: int) -> None:
+    flag = "--" + key.replace("_", "-")  # as `taskbroker run` names it
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise ConfigError(f"cannot listen on {host}:{port} ({key}): {error.strerror}") from None
+    family, kind, protocol, _, address = infos[0]
+    with socket.socket(family, kind, protocol) as sock:
+        # As the servers themselves do: a port whose last connections linger is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"{key} ({flag}): port {port} on {host} is already in use; another "
+                    f"taskbroker may be running. Stop it, or choose another port with {flag} "
+                    f"or {key}"
+                ) from None
+            raise ConfigError(
+                f"{key} ({flag}): cannot listen on {host}:{port}: {error.strerror}; choose "
+                f"another port with {flag} or {key}"
+            ) from None
+
+
+def _log_final_offsets(topic: str, stats: ConsumerStats) -> None:
+    # Logged before the consumer stops, as it commits them synchronously then and warns
+    # if Kafka refuses: a line after the stop could not know whether Kafka took them.
+    if not stats.committed:
+        logger.info("shutdown: no offsets of %s to commit", topic)
+        return
+    logger.info(
+        "shutdown: committing the final offsets of %s as the consumer stops (next to read): %s",
+        topic,
+        ", ".join(f"partition {p} at {offset}" for p, offset in sorted(stats.committed.items())),
+    )

@@ -88,6 +88,35 @@ class _SilentWriterObserver:
         pass
 
 
+@dataclass(slots=True)
+class _Tally:
+    """The flushes committed since the writer started, for the line it logs as it closes:
+    after a shutdown's final flush, the operator's evidence that nothing was left behind."""
+
+    flushes: int = 0
+    stored: int = 0
+    removed: int = 0
+    last_seq: int | None = None
+    last_stored: int = 0
+    last_removed: int = 0
+
+    def add(self, flush: Flush) -> None:
+        self.flushes += 1
+        self.last_seq = flush.seq
+        self.last_stored, self.last_removed = len(flush.upserts), len(flush.deletes)
+        self.stored += self.last_stored
+        self.removed += self.last_removed
+
+    def __str__(self) -> str:
+        if self.last_seq is None:
+            return "no flush since it started"
+        return (
+            f"the last flush (#{self.last_seq}) committed {self.last_stored} records stored "
+            f"and {self.last_removed} removed ({self.flushes} flushes since it started: "
+            f"{self.stored} stored, {self.removed} removed)"
+        )
+
+
 class SqliteWriter(BrokerActor):
     """Commits the state actor's flushes; restores the state at startup.
 
@@ -120,6 +149,7 @@ class SqliteWriter(BrokerActor):
         self._state = state
         self._persisted_listener = persisted_listener
         self._failures = 0  # consecutive failed flushes; 0 while the store accepts writes
+        self._committed = _Tally()
         self._failure_report: threading.Timer | None = None
 
     def __repr__(self) -> str:
@@ -149,6 +179,7 @@ class SqliteWriter(BrokerActor):
             self._flush_observer.flush_failed()
             self._failed(flush.seq, error)
             return
+        self._committed.add(flush)
         self._flush_observer.flushed(
             time.monotonic() - started,
             flush.row_changes,
@@ -195,3 +226,4 @@ class SqliteWriter(BrokerActor):
         if self._failure_report is not None:
             self._failure_report.cancel()
         self._store.close()
+        logger.info("SQLite writer closed %s: %s", self._store.path, self._committed)

@@ -10,8 +10,9 @@ import msgpack
 import pytest
 
 from actors.activation import decode_record
-from actors.cli import main
+from actors.cli import ActivationSpec, kafka_answers, main, produce_activations
 from actors.embedded_kafka import EmbeddedKafka, free_port
+from actors.producer import KafkaProducer, ProducerConfig
 from actors.records import OnAttemptsExceeded, Status
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from tests.kafka_support import read_messages
@@ -91,15 +92,36 @@ def test_produce_defaults_make_a_plain_pending_activation(
     assert record.on_attempts_exceeded is OnAttemptsExceeded.DISCARD
 
 
-def test_produce_fails_when_kafka_does_not_acknowledge(
+def test_produce_with_no_kafka_says_so_at_once_and_where_run_starts_one(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     nowhere = f"127.0.0.1:{free_port()}"
     argv = ["produce", "--count", "5", "--namespace", "n", "--taskname", "t"]
-    assert main([*argv, "--kafka", nowhere, "--timeout", "0.5"]) == 1
+    started = time.monotonic()
+    assert main([*argv, "--kafka", nowhere]) == 1
+    assert time.monotonic() - started < 5.0  # not the 30 s of --timeout
     captured = capsys.readouterr()
-    assert "0 of 5 activations acknowledged" in captured.out
-    assert "5 not acknowledged" in captured.err
+    assert f"no Kafka answers at {nowhere}" in captured.err
+    assert "`taskbroker run` without --kafka starts one at 127.0.0.1:9092" in captured.err
+    assert "Purged" not in captured.err
+    assert captured.out == ""
+
+
+@pytest.mark.kafka
+def test_kafka_answers_only_where_a_kafka_listens(kafka: EmbeddedKafka) -> None:
+    assert kafka_answers(kafka.bootstrap, timeout_s=5.0)
+    assert not kafka_answers(f"127.0.0.1:{free_port()}", timeout_s=5.0)
+
+
+def test_produce_activations_reports_what_kafka_did_not_acknowledge() -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    producer = KafkaProducer(ProducerConfig(bootstrap_servers=nowhere, delivery_timeout_ms=500))
+    try:
+        outcome = produce_activations(producer, "t", ActivationSpec("n", "t"), 5, timeout_s=0.5)
+    finally:
+        producer.close(timeout_s=0.5)
+    assert (outcome.acknowledged, outcome.failed) == (0, 5)
+    assert outcome.first_failure is not None
 
 
 def test_produce_rejects_invalid_arguments(capsys: pytest.CaptureFixture[str]) -> None:

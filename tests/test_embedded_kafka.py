@@ -98,7 +98,10 @@ def test_a_message_round_trips(kafka: EmbeddedKafka, kafka_topics: TopicFactory)
     )
 
 
-def test_stop_leaves_no_process_even_with_a_client_connected() -> None:
+def test_stop_leaves_no_process_even_with_a_client_connected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="actors.embedded_kafka")
     kafka = EmbeddedKafka(port=free_port())
     kafka.start()
     pid = kafka.pid
@@ -114,6 +117,10 @@ def test_stop_leaves_no_process_even_with_a_client_connected() -> None:
     assert not kafka.running
     assert kafka.log_path is None
     kafka.stop()
+    # The kill is the normal end of an embedded Kafka with clients: nothing to alarm anyone.
+    (killed,) = [r for r in caplog.records if "SIGKILL" in r.getMessage()]
+    assert killed.levelno == logging.INFO
+    assert "as usual" in killed.getMessage()
 
 
 def test_a_forgotten_broker_is_stopped_when_collected() -> None:
@@ -150,9 +157,13 @@ def test_a_port_in_use_gives_a_clear_error(listening_socket: socket.socket) -> N
     port: int = listening_socket.getsockname()[1]
     kafka = EmbeddedKafka(port=port)
 
-    with pytest.raises(EmbeddedKafkaError, match=rf"port 127\.0\.0\.1:{port} is already in use"):
+    with pytest.raises(EmbeddedKafkaError) as refused:
         kafka.start()
     assert kafka.pid is None
+    message = str(refused.value)
+    assert f"port 127.0.0.1:{port} is already in use" in message
+    assert "another Kafka or taskbroker may be running there" in message
+    assert "free_port" not in message
 
 
 def test_the_port_of_a_running_broker_is_refused(kafka: EmbeddedKafka) -> None:
