@@ -298,6 +298,12 @@ class CommitTracker:
             for offsets in (self._first_read, self._durable, self._committed, self._acknowledged):
                 offsets.pop(partition, None)
 
+    def acknowledged_offsets(self, partitions: Iterable[Partition]) -> dict[Partition, int]:
+        """What Kafka has acknowledged per partition among `partitions`, as it counts
+        (next to consume)."""
+        acknowledged = self._acknowledged
+        return {p: acknowledged[p] + 1 for p in partitions if p in acknowledged}
+
     def committed(self) -> dict[Partition, int]:
         """The last offset sent per partition, as Kafka counts it (next to consume)."""
         return {partition: offset + 1 for partition, offset in self._committed.items()}
@@ -451,6 +457,12 @@ class KafkaConsumer(BrokerActor):
 
     def release(self) -> None:
         self._commit(self._commits.unacknowledged(self._assigned), asynchronous=False)
+        final = self._commits.acknowledged_offsets(self._assigned)
+        logger.info(
+            "committed the final offsets of %s (next to read): %s",
+            self._config.topic,
+            ", ".join(f"partition {p} at {o}" for p, o in sorted(final.items())) or "none",
+        )
         try:
             # Leaves the group at once, so its partitions move without a session timeout;
             # the revoke it runs finds nothing left to commit.

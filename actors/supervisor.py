@@ -38,8 +38,6 @@ from actors.errors import ActorUnavailable, BrokerError, ConfigError, StoreError
 from actors.frontend import FrontendConfig, GrpcFrontend
 from actors.messages import (
     Connect,
-    ConsumerStats,
-    ConsumerStatsQuery,
     Drain,
     LoadAndRestore,
     StopConsuming,
@@ -449,16 +447,6 @@ class Supervisor:
         direct = self._config.store_mode is StoreMode.SQLITE_DIRECT
         if "state" in refs and ("writer" in refs or direct):
             _best_effort("final flush", lambda: _drain(refs["state"], deadline))
-        if "consumer" in refs:
-            # Asked after the last flush, whose Persisted reached the consumer first: these
-            # are the offsets that flush made durable, which the consumer's stop commits.
-            _best_effort(
-                "final offsets",
-                lambda: _log_final_offsets(
-                    self._config.kafka_topic,
-                    ask(refs["consumer"], ConsumerStatsQuery(), min(_left(deadline), 1.0)),
-                ),
-            )
         for name in ("consumer", "state", "writer"):
             _stop_actor(name, refs.get(name), deadline)
         if broker.embedded_kafka is not None:
@@ -573,16 +561,3 @@ def _check_port(key: str, host: str, port: int) -> None:
                 f"{key} ({flag}): cannot listen on {host}:{port}: {error.strerror}; choose "
                 f"another port with {flag} or {key}"
             ) from None
-
-
-def _log_final_offsets(topic: str, stats: ConsumerStats) -> None:
-    # Logged before the consumer stops, as it commits them synchronously then and warns
-    # if Kafka refuses: a line after the stop could not know whether Kafka took them.
-    if not stats.committed:
-        logger.info("shutdown: no offsets of %s to commit", topic)
-        return
-    logger.info(
-        "shutdown: committing the final offsets of %s as the consumer stops (next to read): %s",
-        topic,
-        ", ".join(f"partition {p} at {offset}" for p, offset in sorted(stats.committed.items())),
-    )
