@@ -465,15 +465,8 @@ class StateMachine:
             heapq.heappush(self._expiries, (record.expires_at, record.id))
 
     def _end_leases(self, now: float) -> int:
-        leases, records = self._leases, self._records
         ended = 0
-        while leases and leases[0][0] <= now:
-            lease_until, activation_id = heapq.heappop(leases)
-            record = records.get(activation_id)
-            if record is None or record.status is not Status.CLAIMED:
-                continue
-            if record.processing_deadline != lease_until:
-                continue
+        for record in self._due(self._leases, now, Status.CLAIMED, "processing_deadline"):
             self._unclaim(record)
             ended += 1
         return ended
@@ -520,43 +513,24 @@ class StateMachine:
         record.status = Status.COMPLETE
 
     def _promote_delays(self, now: float) -> int:
-        delays, records = self._delays, self._records
         promoted = 0
-        while delays and delays[0][0] <= now:
-            due_at, activation_id = heapq.heappop(delays)
-            record = records.get(activation_id)
-            if record is None or record.status is not Status.DELAY or record.delay_until != due_at:
-                continue
+        for record in self._due(self._delays, now, Status.DELAY, "delay_until"):
             self._set_status(record, Status.PENDING)
             self._enter_pending(record)
             promoted += 1
         return promoted
 
     def _expire(self, now: float) -> int:
-        expiries, records = self._expiries, self._records
         expired = 0
-        while expiries and expiries[0][0] <= now:
-            expires_at, activation_id = heapq.heappop(expiries)
-            record = records.get(activation_id)
-            if record is None or record.status is not Status.PENDING:
-                continue
-            if record.expires_at != expires_at:
-                continue
+        for record in self._due(self._expiries, now, Status.PENDING, "expires_at"):
             self._finish(record)
             self._pending.prune((record.application, record.namespace))
             expired += 1
         return expired
 
     def _handle_deadlines(self, now: float) -> tuple[int, int]:
-        deadlines, records = self._deadlines, self._records
         resets = failed = 0
-        while deadlines and deadlines[0][0] <= now:
-            deadline, activation_id = heapq.heappop(deadlines)
-            record = records.get(activation_id)
-            if record is None or record.status is not Status.PROCESSING:
-                continue
-            if record.processing_deadline != deadline:
-                continue
+        for record in self._due(self._deadlines, now, Status.PROCESSING, "processing_deadline"):
             record.processing_deadline = None
             record.processing_attempts += 1
             exhausted = record.processing_attempts >= self.limits.max_processing_attempts
@@ -568,6 +542,19 @@ class StateMachine:
                 self._enter_pending(record)
                 resets += 1
         return resets, failed
+
+    def _due(
+        self, heap: list[tuple[float, ActivationId]], now: float, status: Status, field: str
+    ) -> Iterator[Record]:
+        """Pop the entries of `heap` due by `now`, yielding each record the entry still
+        stands for: still in `status`, its time `field` unchanged. Other entries are dead
+        (the record moved on, or was rescheduled with a new entry) and are dropped."""
+        records = self._records
+        while heap and heap[0][0] <= now:
+            at, activation_id = heapq.heappop(heap)
+            record = records.get(activation_id)
+            if record is not None and record.status is status and getattr(record, field) == at:
+                yield record
 
     @staticmethod
     def _order(record: Record, kind: ProduceKind) -> ProduceOrder:
