@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from pathlib import Path
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+
+from actors import config
 
 _log = logging.getLogger(__name__)
 
@@ -55,3 +59,22 @@ def read_values(
         assert isinstance(headers, list)
         found.append((value, headers))
     return found
+
+
+def broker_config(
+    bootstrap: str, topic: str, dlq: str, db: Path, **overrides: Any
+) -> config.Config:
+    """A broker on 127.0.0.1 with free ports, consuming `topic` in a group of its own."""
+    return config.load(
+        overrides={
+            "kafka_cluster": bootstrap,
+            "kafka_topic": topic,
+            "kafka_deadletter_topic": dlq,
+            "kafka_consumer_group": f"group-{topic}",
+            "grpc_addr": "127.0.0.1",
+            "grpc_port": 0,
+            "metrics_port": 0,
+            "db_path": str(db),
+            **overrides,
+        }
+    )

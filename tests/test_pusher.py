@@ -19,7 +19,6 @@ import pykka
 import pytest
 from prometheus_client import CollectorRegistry
 
-from actors import config
 from actors.activation import encode_activation
 from actors.auth import SignatureCheck
 from actors.embedded_kafka import EmbeddedKafka, free_port
@@ -34,6 +33,7 @@ from actors.state import StateActor, StateConfig
 from actors.supervisor import Supervisor
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from tests.grpc_support import StartBroker, activation_record
+from tests.kafka_support import broker_config
 
 if TYPE_CHECKING:
     from tests.conftest import TopicFactory
@@ -601,21 +601,15 @@ def test_a_push_mode_broker_pushes_what_it_consumes_and_stops_with_the_unacknowl
     topic, dlq = kafka_topics()
     db = tmp_path / "push.sqlite"
     supervisor = Supervisor(
-        config.load(
-            overrides={
-                "kafka_cluster": kafka.bootstrap,
-                "kafka_topic": topic,
-                "kafka_deadletter_topic": dlq,
-                "kafka_consumer_group": f"group-{topic}",
-                "grpc_addr": "127.0.0.1",
-                "grpc_port": 0,
-                "metrics_port": 0,
-                "db_path": str(db),
-                "delivery_mode": "push",
-                "worker_map": {"app": [worker.endpoint]},
-                "push.timeout_ms": 500,
-                "kafka_auto_offset_reset": "earliest",
-            }
+        broker_config(
+            kafka.bootstrap,
+            topic,
+            dlq,
+            db,
+            delivery_mode="push",
+            worker_map={"app": [worker.endpoint]},
+            kafka_auto_offset_reset="earliest",
+            **{"push.timeout_ms": 500},
         )
     )
     broker = supervisor.start()

@@ -36,6 +36,7 @@ from actors.supervisor import (
     Supervisor,
     check_ports,
 )
+from tests import kafka_support
 
 if TYPE_CHECKING:
     from tests.conftest import TopicFactory
@@ -76,18 +77,7 @@ class SupervisorThread:
 
 def broker_config(kafka: EmbeddedKafka, topics: TopicFactory, db: Path) -> config.Config:
     topic, dlq = topics()
-    return config.load(
-        overrides={
-            "kafka_cluster": kafka.bootstrap,
-            "kafka_topic": topic,
-            "kafka_deadletter_topic": dlq,
-            "kafka_consumer_group": f"group-{topic}",
-            "grpc_addr": "127.0.0.1",
-            "grpc_port": 0,
-            "metrics_port": 0,
-            "db_path": str(db),
-        }
-    )
+    return kafka_support.broker_config(kafka.bootstrap, topic, dlq, db)
 
 
 def test_clean_stop_exits_zero(
