@@ -24,6 +24,7 @@ from actors.runtime import BrokerActor, LoopThread, MailboxConfig, MailboxObserv
 from actors.services import (
     BATCH_SERVICE_NAME,
     SERVICE_NAME,
+    AbuseWatch,
     BatchLimits,
     ConsumerService,
     FrontendObserver,
@@ -37,6 +38,7 @@ from actors.state_client import (
     StateClient,
     ThreadedStateClient,
 )
+from actors.tls import ReloadableCredentials, ReloadTls, TlsFiles
 from actors.wire.grpc.health.v1 import health_pb2
 
 logger = logging.getLogger(__name__)
@@ -78,14 +80,39 @@ class FrontendConfig:
     pulls: bool = True
     """False in push delivery: workers only report results; the broker hands tasks out
     by pushing them."""
+    tls: TlsFiles | None = None
+    """None: plaintext, for local use."""
+    max_concurrent_streams: int = 100
+    """Calls in progress at once on one connection; more wait in the client. A worker runs
+    a handful; 100 is grpc's usual advertised limit and bounds what one client can hold."""
+    keepalive_min_ping_interval_ms: int = 10_000
+    """Pings closer together than this are strikes; grpc's own default (5 min) would
+    strike a worker whose channel pings every 30 s or so to keep NATs open."""
+    max_ping_strikes: int = 2
+    """Strikes before the connection is closed (GOAWAY ENHANCE_YOUR_CALM)."""
+    abuse_quiet_s: float = 60.0
+    """A streak of abusive requests (`services.AbuseStreaks`) ends after this long
+    without one, with a line counting it."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be within 0..65535, got {self.port}")
-        for key in ("max_workers", "max_message_bytes", "state_ask_timeout_ms", "max_batch"):
+        for key in (
+            "max_workers",
+            "max_message_bytes",
+            "state_ask_timeout_ms",
+            "max_batch",
+            "max_concurrent_streams",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("stop_grace_s", "min_batch_interval_ms"):
+        for key in (
+            "stop_grace_s",
+            "min_batch_interval_ms",
+            "keepalive_min_ping_interval_ms",
+            "max_ping_strikes",
+            "abuse_quiet_s",
+        ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
         if isinstance(self.shared_secrets, str):
@@ -180,12 +207,14 @@ class _Served:
     port: int
     health: HealthService
     state: StateClient
+    abuse: AbuseWatch
 
 
 class GrpcFrontend(BrokerActor):
     """The grpc.aio server as an actor: its event loop runs in a thread of its own; the
     server is bound in __init__ (a port in use fails the start), serves from on_start, and
-    stops with a grace in release. It takes one message, `SetServing`, which flips health."""
+    stops with a grace in release. It takes two messages: `SetServing`, which flips health,
+    and `ReloadTls`, which re-reads the certificate files (the listener stays open)."""
 
     def __init__(
         self,
@@ -201,6 +230,7 @@ class GrpcFrontend(BrokerActor):
         design brings its own), on `config.max_workers` threads."""
         super().__init__("frontend", mailbox or MailboxConfig(size=100), mailbox_observer)
         self._config = config
+        self._tls = None if config.tls is None else ReloadableCredentials(config.tls)
         self._loop = LoopThread("grpc-frontend-loop")
         try:
             self._served = self._loop.run(self._serve(state, state_client, observer))
@@ -209,7 +239,11 @@ class GrpcFrontend(BrokerActor):
             raise
 
     def __repr__(self) -> str:
-        return f"<GrpcFrontend {self._config.host}:{self._served.port} {self._served.health!r}>"
+        scheme = "plaintext" if self._tls is None else repr(self._tls)
+        return (
+            f"<GrpcFrontend {self._config.host}:{self._served.port} {scheme} "
+            f"{self._served.health!r}>"
+        )
 
     @property
     def port(self) -> int:
@@ -218,13 +252,23 @@ class GrpcFrontend(BrokerActor):
 
     def on_start(self) -> None:
         self._loop.run(self._served.server.start())
-        logger.info("serving gRPC on %s:%d", self._config.host, self._served.port)
+        logger.info(
+            "serving gRPC on %s:%d (%s)",
+            self._config.host,
+            self._served.port,
+            _scheme(self._config.tls),
+        )
 
     def handle(self, message: object) -> object:
         match message:
             case SetServing(serving):
                 self._loop.call_soon(self._served.health.set_serving, serving)
                 logger.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+            case ReloadTls():
+                if self._tls is None:
+                    logger.info("TLS reload asked for, but gRPC is plaintext (no tls.cert_file)")
+                else:
+                    self._tls.reload()
             case _:
                 raise TypeError(f"frontend got an unknown message: {message!r}")
         return None
@@ -257,6 +301,7 @@ class GrpcFrontend(BrokerActor):
         else:
             client = ThreadedStateClient(blocking, config.max_workers)
         signature = SignatureCheck(config.shared_secrets)
+        abuse = AbuseWatch(observer, config.abuse_quiet_s)
         server = grpc.aio.server(
             handlers=[
                 unary_handlers(
@@ -264,12 +309,14 @@ class GrpcFrontend(BrokerActor):
                     ConsumerService(client, pulls=config.pulls).answers(),
                     signature,
                     observer,
+                    abuse,
                 ),
                 unary_handlers(
                     BATCH_SERVICE_NAME,
                     TaskBatchService(client, config.batch, pulls=config.pulls).answers(),
                     signature,
                     observer,
+                    abuse,
                 ),
             ],
             options=[
@@ -278,23 +325,40 @@ class GrpcFrontend(BrokerActor):
                 # grpc sets SO_REUSEPORT by default, which lets a second broker bind the
                 # same port silently and steal half the calls.
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+                (
+                    "grpc.http2.min_ping_interval_without_data_ms",
+                    config.keepalive_min_ping_interval_ms,
+                ),
+                # Workers hold idle channels between polls; their pings then keep the
+                # connection (and a NAT's mapping) alive, and are not strikes.
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_ping_strikes", config.max_ping_strikes),
             ],
         )
         health = HealthService()
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(HEALTH_SERVICE_NAME, health.method_handlers()),)
         )
-        return _Served(server, _bind(server, config.host, config.port), health, client)
+        port = _bind(server, config.host, config.port, self._tls)
+        return _Served(server, port, health, client, abuse)
 
     async def _shut_down(self) -> None:
         served = self._served
         # Health first, so Watch streams end and do not hold the grace period open.
         served.health.close()
         await served.server.stop(self._config.stop_grace_s)
+        served.abuse.close()
         served.state.stop()
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+def _scheme(tls: TlsFiles | None) -> str:
+    if tls is None:
+        return "plaintext"
+    return "mutual TLS" if tls.mutual else "TLS"
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, tls: ReloadableCredentials | None) -> int:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     # grpc's error says only that the bind failed (its C core logs the reason itself);
     # a port in use, by another broker most likely, is the usual one.
@@ -303,7 +367,10 @@ def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
         "running there. Stop it, or choose another port with --grpc-port or grpc_port"
     )
     try:
-        bound = server.add_insecure_port(address)
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, tls.credentials)
     except RuntimeError:
         raise ConfigError(problem) from None
     if bound == 0:

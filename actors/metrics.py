@@ -49,6 +49,7 @@ from actors.messages import (
     TickResult,
 )
 from actors.runtime import MailboxPolicy, MailboxStats, mailbox_stats_of
+from actors.services import ABUSE_REASONS
 from actors.store import StoreSizes
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,15 @@ class FrontendMetrics:
             registry=registry,
             buckets=_BATCH_BUCKETS,
         )
+        self._abuse = Counter(
+            f"{PREFIX}grpc_abusive_requests",
+            "Requests no correct worker sends, refused: by reason (signature: a missing or "
+            "invalid signature; malformed: bytes that are not the request message).",
+            ("reason",),
+            registry=registry,
+        )
+        for reason in ABUSE_REASONS:  # a fixed label set, at 0 from the start
+            self._abuse.labels(reason)
         # labels() takes a lock and builds a key; handled() runs on every gRPC call.
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
@@ -192,6 +202,9 @@ class FrontendMetrics:
 
     def batch_sent(self, size: int) -> None:
         self._batches.observe(size)
+
+    def abused(self, reason: str) -> None:
+        self._abuse.labels(reason).inc()
 
 
 class UpkeepMetrics:

@@ -72,6 +72,9 @@ class FrontendObserver(Protocol):
     def batch_sent(self, size: int) -> None:
         """One batch of `size` requests went to the state actor."""
 
+    def abused(self, reason: str) -> None:
+        """One request refused as a client's abuse, `reason` one of `ABUSE_REASONS`."""
+
 
 class SilentObserver:
     def handled(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
@@ -80,14 +83,111 @@ class SilentObserver:
     def batch_sent(self, size: int) -> None:
         pass
 
+    def abused(self, reason: str) -> None:
+        pass
+
+
+SIGNATURE: Final = "signature"
+MALFORMED: Final = "malformed"
+ABUSE_REASONS: Final = (SIGNATURE, MALFORMED)
+"""What no correct worker sends: a bad signature, bytes that are not the request message."""
+
 
 class RequestRefused(Exception):
     """A request answered with a non-OK status that is the caller's doing, not the broker's."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, abuse: str | None = None) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        self.abuse = abuse
+        """One of `ABUSE_REASONS` when no correct client would have sent the request."""
+
+
+class AbuseStreaks:
+    """Logs abusive requests once per streak, never per request: a client that retries a
+    bad signature in a loop would otherwise fill the log. A streak of a reason starts with
+    one line naming the peer and ends, after `quiet_s` without another, with one line
+    counting its requests. Takes `now`, so it is tested without a clock."""
+
+    def __init__(self, quiet_s: float) -> None:
+        self._quiet_s = quiet_s
+        # reason -> (requests in the streak, its first peer, distinct peers, the last one's time)
+        self._open: dict[str, tuple[int, str, set[str], float]] = {}
+
+    def __repr__(self) -> str:
+        return f"<AbuseStreaks quiet_s={self._quiet_s} open={sorted(self._open)}>"
+
+    def refused(self, reason: str, peer: str, now: float) -> bool:
+        """Counts one refusal; True when it started a streak (and was logged)."""
+        streak = self._open.get(reason)
+        if streak is None:
+            logger.warning(
+                "refused a request from %s (%s); further refusals for this reason are "
+                "counted and summarised after %.0f s without one",
+                peer,
+                _ABUSE_WORDS[reason],
+                self._quiet_s,
+            )
+            self._open[reason] = (1, peer, {peer}, now)
+            return True
+        count, first, peers, _ = streak
+        peers.add(peer)
+        self._open[reason] = (count + 1, first, peers, now)
+        return False
+
+    def end_quiet(self, now: float) -> float | None:
+        """Ends the streaks quiet for `quiet_s`, logging each one's count; the seconds until
+        the next open one could end, or None when none is open."""
+        for reason, (count, first, peers, last) in list(self._open.items()):
+            if now - last >= self._quiet_s:
+                del self._open[reason]
+                logger.warning(
+                    "refused %d requests (%s) from %d peer(s) in the streak that %s started",
+                    count,
+                    _ABUSE_WORDS[reason],
+                    len(peers),
+                    first,
+                )
+        if not self._open:
+            return None
+        return min(last for *_, last in self._open.values()) + self._quiet_s - now
+
+
+_ABUSE_WORDS: Final = {SIGNATURE: "bad signature", MALFORMED: "malformed request"}
+
+
+class AbuseWatch:
+    """`AbuseStreaks` on the front end's event loop: counts every abusive request in the
+    observer and ends streaks with a timer that runs only while one is open."""
+
+    def __init__(self, observer: FrontendObserver, quiet_s: float) -> None:
+        self._observer = observer
+        self._streaks = AbuseStreaks(quiet_s)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<AbuseWatch {self._streaks!r}>"
+
+    def refused(self, reason: str, peer: str) -> None:
+        self._observer.abused(reason)
+        loop = asyncio.get_running_loop()
+        if self._streaks.refused(reason, peer, loop.time()) and self._timer is None:
+            # A streak just opened, so end_quiet says when the oldest open one may end.
+            left_s = self._streaks.end_quiet(loop.time()) or 0.0
+            self._timer = loop.call_later(left_s, self._end_quiet)
+
+    def close(self) -> None:
+        """Logs the open streaks' counts: a stop should not lose them."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._streaks.end_quiet(float("inf"))
+
+    def _end_quiet(self) -> None:
+        loop = asyncio.get_running_loop()
+        left_s = self._streaks.end_quiet(loop.time())
+        self._timer = None if left_s is None else loop.call_later(left_s, self._end_quiet)
 
 
 Answer = Callable[[bytes], Awaitable[bytes]]
@@ -99,6 +199,7 @@ def unary_handlers(
     answers: dict[str, Answer],
     signature: SignatureCheck,
     observer: FrontendObserver,
+    abuse: AbuseWatch,
 ) -> grpc.GenericRpcHandler:
     """One service's methods as grpc handlers on raw bytes: signing checked, every outcome
     mapped to its status code and observed."""
@@ -106,7 +207,7 @@ def unary_handlers(
         service,
         {
             method: grpc.unary_unary_rpc_method_handler(
-                _handler(f"/{service}/{method}", method, answer, signature, observer)
+                _handler(f"/{service}/{method}", method, answer, signature, observer, abuse=abuse)
             )
             for method, answer in answers.items()
         },
@@ -114,7 +215,13 @@ def unary_handlers(
 
 
 def _handler(
-    path: str, method: str, answer: Answer, signature: SignatureCheck, observer: FrontendObserver
+    path: str,
+    method: str,
+    answer: Answer,
+    signature: SignatureCheck,
+    observer: FrontendObserver,
+    *,
+    abuse: AbuseWatch,
 ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
     async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
@@ -124,6 +231,8 @@ def _handler(
             return await answer(request)
         except RequestRefused as refused:
             code, details = refused.code, refused.details
+            if refused.abuse is not None:
+                abuse.refused(refused.abuse, context.peer())
         except MailboxFull as error:
             code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
         except ActorUnavailable as error:
@@ -149,7 +258,9 @@ def _authenticate(
 ) -> None:
     # Reading the metadata costs a copy per call: only when signing is on.
     if signature.enabled and not signature.verify(path, request, context.invocation_metadata()):
-        raise RequestRefused(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid sentry-signature")
+        raise RequestRefused(
+            grpc.StatusCode.UNAUTHENTICATED, "missing or invalid sentry-signature", SIGNATURE
+        )
 
 
 # --- ConsumerService -----------------------------------------------------------------------
@@ -302,7 +413,9 @@ def _parse(message_type: Any, request: bytes) -> Any:
         return message_type.FromString(request)
     except DecodeError:
         raise RequestRefused(
-            grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a {message_type.__name__}"
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a {message_type.__name__}",
+            MALFORMED,
         ) from None
 
 

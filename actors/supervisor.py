@@ -30,7 +30,7 @@ from typing import Any
 import pykka
 import pykka.debug
 
-from actors.config import Config, DeliveryMode, OpsStatusAuth, StoreMode
+from actors.config import Config, DeliveryMode, StoreMode
 from actors.consumer import BatchLimits, ConsumerConfig, KafkaConsumer
 from actors.direct import DirectStore, SqliteDirectState, SqliteDirectStateClient
 from actors.embedded_kafka import EMBEDDED_KAFKA_HOST, EmbeddedKafka, TopicSpec
@@ -43,14 +43,15 @@ from actors.messages import (
     StopConsuming,
 )
 from actors.metrics import FirstClaimMetrics
-from actors.ops_http import OpsAccess, OpsEndpoint, admin_token
+from actors.ops_http import OpsEndpoint
 from actors.producer import KafkaProducer, ProducerConfig
 from actors.pusher import Pusher, PusherConfig
-from actors.runtime import ask
+from actors.runtime import ask, tell_if_alive
 from actors.state import StateActor, StateConfig
 from actors.state_client import BlockingStateClient
 from actors.statemachine import Limits
 from actors.store import DatabaseLock
+from actors.tls import ReloadTls, TlsFiles
 from actors.upkeep import HealthMonitor, Heartbeat, Upkeep, UpkeepConfig
 from actors.writer import SqliteWriter, WriterConfig
 
@@ -160,6 +161,13 @@ class Supervisor:
     def request_stop(self) -> None:
         self._stop_requested.set()
 
+    def reload_tls(self) -> None:
+        """Has the front end re-read its certificate files (what SIGHUP does)."""
+        broker = self._broker
+        frontend = None if broker is None else dict(broker.actors).get("frontend")
+        if frontend is not None:
+            tell_if_alive(frontend, ReloadTls())
+
     @property
     def broker(self) -> Broker | None:
         return self._broker
@@ -225,10 +233,6 @@ class Supervisor:
             broker.is_ready,
             config.metrics_addr,
             config.metrics_port or None,
-            access=OpsAccess(
-                admin_token(config.ops_admin_token, config.ops_admin_token_file),
-                status_needs_token=config.ops_status_auth is OpsStatusAuth.TOKEN,
-            ),
         )
         ops.start()
         metrics = ops.metrics
@@ -385,6 +389,10 @@ class Supervisor:
                 pulls=config.delivery_mode is DeliveryMode.PULL,
                 shared_secrets=config.grpc_shared_secret,
                 stop_grace_s=config.grpc_shutdown_grace_ms / 1000,
+                tls=_tls_files(config),
+                max_concurrent_streams=config.grpc_max_concurrent_streams,
+                keepalive_min_ping_interval_ms=config.grpc_keepalive_min_ping_interval_ms,
+                max_ping_strikes=config.grpc_max_ping_strikes,
             ),
             state,
             mailboxes.frontend.to_runtime(),
@@ -473,16 +481,28 @@ class Supervisor:
         def dump_stacks(_signum: int, _frame: FrameType | None) -> None:
             pykka.debug.log_thread_tracebacks()
 
+        def reload(_signum: int, _frame: FrameType | None) -> None:
+            logger.info("SIGHUP received: reloading the gRPC TLS certificates")
+            self.reload_tls()
+
         previous = {
             signal.SIGTERM: signal.signal(signal.SIGTERM, stop),
             signal.SIGINT: signal.signal(signal.SIGINT, stop),
             signal.SIGUSR1: signal.signal(signal.SIGUSR1, dump_stacks),
+            signal.SIGHUP: signal.signal(signal.SIGHUP, reload),
         }
         try:
             yield
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+def _tls_files(config: Config) -> TlsFiles | None:
+    tls = config.tls
+    if not tls.cert_file:
+        return None
+    return TlsFiles(tls.cert_file, tls.key_file, tls.client_ca_file)
 
 
 def _left(deadline: float) -> float:

@@ -12,6 +12,7 @@ from typing import Any, cast
 import grpc
 import pykka
 import pytest
+from prometheus_client import CollectorRegistry
 
 from actors.auth import SIGNATURE_METADATA_KEY, sign
 from actors.errors import ConfigError, MailboxFull
@@ -25,10 +26,11 @@ from actors.messages import (
     Tick,
     TickResult,
 )
+from actors.metrics import FrontendMetrics
 from actors.records import OnAttemptsExceeded, Status
 from actors.runtime import MailboxConfig, MailboxPolicy, mailbox_stats_of
-from actors.services import SERVICE_NAME
-from actors.wire.grpc.health.v1 import health_pb2
+from actors.services import MALFORMED, SERVICE_NAME, AbuseStreaks
+from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from tests.grpc_support import TIMEOUT_S, Broker, StartBroker, activation_record
 
@@ -476,3 +478,93 @@ def wait_until(condition: Callable[[], bool]) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+# --- Limits and abusive clients ------------------------------------------------------------
+
+QUIET_S = 0.3
+
+
+@pytest.fixture
+def watched(start_broker: StartBroker) -> Iterator[tuple[Broker, CollectorRegistry, Any]]:
+    """A front end counting into a fresh registry, streaks ending after QUIET_S, one
+    stream per connection; yields it with a function that opens another channel to it."""
+    registry = CollectorRegistry()
+    state = start_broker().state
+    config = FrontendConfig(
+        host="127.0.0.1",
+        port=0,
+        shared_secrets=("secret",),
+        max_concurrent_streams=1,
+        abuse_quiet_s=QUIET_S,
+        stop_grace_s=0.5,
+    )
+    frontend = GrpcFrontend.start(config, state, observer=FrontendMetrics(registry))
+    address = f"127.0.0.1:{frontend.proxy().port.get(timeout=TIMEOUT_S)}"
+    channels: list[grpc.Channel] = []
+
+    def connect() -> grpc.Channel:
+        # A connection of its own: channels to one address share one by default.
+        channels.append(grpc.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1)]))
+        return channels[-1]
+
+    yield Broker(state, frontend, connect()), registry, connect
+    for channel in channels:
+        channel.close()
+    frontend.stop(timeout=TIMEOUT_S)
+
+
+def abusive(registry: CollectorRegistry, reason: str) -> float | None:
+    return registry.get_sample_value("taskbroker_grpc_abusive_requests_total", {"reason": reason})
+
+
+def test_abusive_requests_are_counted_each_and_logged_once_per_streak(
+    watched: tuple[Broker, CollectorRegistry, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    broker, registry, _ = watched
+    caplog.set_level(logging.INFO, logger="actors.services")
+    raw = broker.channel.unary_unary(GET_TASK_PATH)
+    request = b"\xff\xff\xff\xff"
+    metadata = [(SIGNATURE_METADATA_KEY, sign("secret", GET_TASK_PATH, request))]
+    for streak in (25, 3):
+        for _ in range(streak):
+            rpc_error(lambda: raw(request, metadata=metadata, timeout=TIMEOUT_S))
+        rpc_error(lambda: raw(request, timeout=TIMEOUT_S))  # unsigned as well
+        time.sleep(QUIET_S * 3)
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "actors.services"]
+    starts = [line for line in lines if line.startswith("refused a request from ipv4:127.0.0.1")]
+    assert len(starts) == 4  # two streaks of each reason
+    peer = starts[0].removeprefix("refused a request from ").split(" ", 1)[0]
+    ended = "from 1 peer(s) in the streak that " + peer + " started"
+    assert [line for line in lines if line not in starts] == [
+        f"refused 25 requests (malformed request) {ended}",
+        f"refused 1 requests (bad signature) {ended}",
+        f"refused 3 requests (malformed request) {ended}",
+        f"refused 1 requests (bad signature) {ended}",
+    ]
+    assert len(lines) == 8
+    assert abusive(registry, "malformed") == 28
+    assert abusive(registry, "signature") == 2
+
+
+def test_a_streak_ends_only_after_a_quiet_period() -> None:
+    streaks = AbuseStreaks(quiet_s=10.0)
+    assert streaks.refused(MALFORMED, "a", now=0.0)
+    assert not streaks.refused(MALFORMED, "b", now=8.0)
+    assert streaks.end_quiet(now=12.0) == 6.0  # the last refusal restarted the quiet period
+    assert streaks.end_quiet(now=18.0) is None
+    assert streaks.refused(MALFORMED, "a", now=19.0)
+
+
+def test_one_connection_runs_at_most_max_concurrent_streams_calls(
+    watched: tuple[Broker, CollectorRegistry, Any],
+) -> None:
+    broker, _, connect = watched
+    watch: Any = broker.health.Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+    next(watch)  # the stream is open and holds the connection's one stream
+    queued = rpc_error(lambda: broker.health.Check(health_pb2.HealthCheckRequest(), timeout=0.5))
+    assert queued.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    other = health_pb2_grpc.HealthStub(connect())
+    other.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+    watch.cancel()
