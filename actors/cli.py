@@ -372,6 +372,11 @@ _FLAG_KEYS = {
 }
 
 
+_NOT_ON_THE_COMMAND_LINE = {
+    "ops_admin_token": "TASKBROKER_OPS_ADMIN_TOKEN or ops_admin_token_file",
+}
+
+
 def load_config(args: argparse.Namespace) -> Config:
     """Defaults < --config file < TASKBROKER_* environment < flags."""
     overrides: dict[str, object] = {
@@ -383,6 +388,12 @@ def load_config(args: argparse.Namespace) -> Config:
         key, separator, value = assignment.partition("=")
         if not separator or not key:
             raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE")
+        if key.strip() in _NOT_ON_THE_COMMAND_LINE:
+            # Any local user can read a process's arguments (ps, /proc/<pid>/cmdline).
+            raise ConfigError(
+                f"--set {key.strip()}: not accepted on the command line, where other users "
+                f"can read it; use {_NOT_ON_THE_COMMAND_LINE[key.strip()]}"
+            )
         overrides[key.strip()] = value.strip()
     return configuration.load(args.config, os.environ, overrides)
 

@@ -22,7 +22,7 @@ from actors.services import BatchLimits
 
 ENV_PREFIX = "TASKBROKER_"
 ENV_NESTING = "__"
-SECRET_KEYS = frozenset({"grpc_shared_secret"})
+SECRET_KEYS = frozenset({"grpc_shared_secret", "ops_admin_token"})
 
 
 class StoreMode(enum.StrEnum):
@@ -37,6 +37,13 @@ class DeliveryMode(enum.StrEnum):
     """Workers call GetTask / FetchTasks (the default)."""
     PUSH = "push"
     """The broker calls each worker's WorkerService/PushTask (taskbroker's push mode)."""
+
+
+class OpsStatusAuth(enum.StrEnum):
+    OPEN = "open"
+    """Anyone who reaches the ops port reads /status (the default)."""
+    TOKEN = "token"
+    """/status and /status.html need the admin token."""
 
 
 class OffsetReset(enum.StrEnum):
@@ -179,6 +186,12 @@ class Config:
     metrics_addr: str = "0.0.0.0"
     metrics_port: int = 9090
     """0 disables the metrics and health HTTP endpoint."""
+    ops_status_auth: OpsStatusAuth = OpsStatusAuth.OPEN
+    ops_admin_token_file: str = ""
+    """A file holding the ops port's admin token, read at startup."""
+    ops_admin_token: str = field(default="", repr=False)
+    """The admin token itself, from TASKBROKER_OPS_ADMIN_TOKEN; the command line refuses it
+    because every local user can read a process's arguments."""
 
     kafka_cluster: str = ""
     """Bootstrap servers; empty starts the embedded Kafka (development only)."""
@@ -263,13 +276,21 @@ class Config:
             if not getattr(self, name):
                 raise ConfigError(f"{name}: must not be empty")
         self._check_push()
+        if self.ops_admin_token and self.ops_admin_token_file:
+            raise ConfigError("ops_admin_token_file: set either it or ops_admin_token, not both")
+        if self.ops_status_auth is OpsStatusAuth.TOKEN and not (
+            self.ops_admin_token or self.ops_admin_token_file
+        ):
+            raise ConfigError(
+                'ops_status_auth: "token" needs an admin token: set ops_admin_token_file '
+                "or TASKBROKER_OPS_ADMIN_TOKEN"
+            )
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ConfigError(f"log_level: {self.log_level!r} is not a logging level")
 
     @property
     def retry_topic(self) -> str:
         return self.kafka_retry_topic or self.kafka_topic
-
 
     def _check_push(self) -> None:
         if self.delivery_mode is DeliveryMode.PUSH:
@@ -439,7 +460,7 @@ def _emit(obj: Any, prefix: str, lines: list[str], tables: list[tuple[str, Any]]
             tables.append((f"{prefix}{item.name}", value))
             continue
         if item.name in SECRET_KEYS and value:
-            value = tuple("****" for _ in value)
+            value = "****" if isinstance(value, str) else tuple("****" for _ in value)
         lines.append(f"{item.name} = {_toml_value(value)}")
 
 

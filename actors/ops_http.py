@@ -8,12 +8,19 @@
 - `GET /status.html`: a self-contained page of the same that reloads itself; it loads
   nothing from anywhere, so it renders on a host without a network.
 
+Access (`OpsAccess`): the probes and the scrape are always open; /status is open or needs
+the admin token (`ops_status_auth`); every method other than GET and HEAD needs the admin
+token before it is routed at all, so an action added later cannot forget the check. The
+token travels as `Authorization: Bearer <token>`; a refusal is 401 with
+`WWW-Authenticate: Bearer` and never repeats what was presented.
+
 Every answer is built from values read without a message to any actor (mailbox counters,
 `ActorSnapshots`), so the endpoint answers while an actor is busy or stuck.
 """
 
 from __future__ import annotations
 
+import hmac
 import html
 import json
 import logging
@@ -21,8 +28,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Final
 
 import pykka
@@ -41,7 +50,60 @@ _JSON: Final = "application/json"
 _HTML: Final = "text/html; charset=utf-8"
 _TEXT: Final = "text/plain; charset=utf-8"
 
+_STATUS_PATHS: Final = frozenset({"/status", "/status.html"})
+_READ_PATHS: Final = frozenset({"/metrics", "/healthz", "/readyz"}) | _STATUS_PATHS
+MIN_ADMIN_TOKEN_CHARS: Final = 16
+"""Shorter than this, a token is guessable by a client that may retry as often as it likes."""
+
 StatusDocument = dict[str, Any]
+
+
+def admin_token(token: str, token_file: str) -> str | None:
+    """The admin token from its value or its file (`ops_admin_token`,
+    `ops_admin_token_file`), None when neither is set; surrounding whitespace is trimmed
+    because an editor's final newline is not part of the token."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text()
+        except OSError as error:
+            raise ConfigError(
+                f"ops_admin_token_file: cannot read {token_file}: {error.strerror or error}"
+            ) from None
+        source = f"ops_admin_token_file ({token_file})"
+    else:
+        source = "ops_admin_token"
+    token = token.strip()
+    if not token and not token_file:
+        return None
+    if len(token) < MIN_ADMIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"{source}: the token must be at least {MIN_ADMIN_TOKEN_CHARS} characters"
+        )
+    return token
+
+
+@dataclass(frozen=True, slots=True)
+class OpsAccess:
+    """Who may do what on the ops port. Without a token, /status may still be open, and
+    anything but GET or HEAD is refused to everyone."""
+
+    token: str | None = field(default=None, repr=False)
+    status_needs_token: bool = False
+
+    def __post_init__(self) -> None:
+        if self.status_needs_token and self.token is None:
+            raise ConfigError('ops_status_auth: "token" needs an admin token')
+
+    def admits(self, authorization: str | None) -> bool:
+        """Whether an `Authorization` header carries the admin token."""
+        if self.token is None or authorization is None:
+            return False
+        scheme, _, presented = authorization.partition(" ")
+        # compare_digest: a comparison that stops at the first wrong byte tells a patient
+        # client how much of its guess was right.
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            presented.strip().encode(), self.token.encode()
+        )
 
 
 def status_document(
@@ -221,8 +283,10 @@ class OpsServer:
         registry: CollectorRegistry,
         status: Callable[[], StatusDocument],
         ready: Callable[[], bool],
+        *,
+        access: OpsAccess = OpsAccess(),
     ) -> None:
-        handler = _handler_class(registry, status, ready)
+        handler = _handler_class(registry, status, ready, access)
         server_class = _IPv6Server if ":" in host else _Server
         try:
             self._server = server_class((host, port), handler)
@@ -284,6 +348,8 @@ class OpsEndpoint:
         host: str,
         port: int | None,
         snapshot_interval_s: float = 1.0,
+        *,
+        access: OpsAccess = OpsAccess(),
     ) -> None:
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
@@ -297,6 +363,7 @@ class OpsEndpoint:
                 self.registry,
                 status=lambda: status_document(actors(), self.snapshots, ready()),
                 ready=ready,
+                access=access,
             )
 
     def __repr__(self) -> str:
@@ -330,17 +397,53 @@ def _handler_class(
     registry: CollectorRegistry,
     status: Callable[[], StatusDocument],
     ready: Callable[[], bool],
+    access: OpsAccess,
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "taskbroker-ops"
+        _head = False
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
+            if path in _STATUS_PATHS and access.status_needs_token and not self._admitted():
+                return
             try:
                 self._route(path)
             except Exception:
                 logger.exception("ops endpoint %s failed", path)
                 self._send(HTTPStatus.INTERNAL_SERVER_ERROR, _TEXT, b"internal error\n")
+
+        def do_HEAD(self) -> None:
+            self._head = True
+            self.do_GET()
+
+        def __getattr__(self, name: str) -> Any:
+            # The stdlib looks up `do_<METHOD>` for each request: every method but GET and
+            # HEAD lands here, so none reaches a route before the token is checked.
+            if name.startswith("do_"):
+                return self._change_state
+            raise AttributeError(name)
+
+        def _change_state(self) -> None:
+            if not self._admitted():
+                return
+            path = self.path.split("?", 1)[0]
+            if path in _READ_PATHS:
+                self._send(HTTPStatus.METHOD_NOT_ALLOWED, _TEXT, b"read only\n", allow="GET, HEAD")
+            else:
+                self._send(HTTPStatus.NOT_FOUND, _TEXT, b"not found\n")
+
+        def _admitted(self) -> bool:
+            """Whether the request carries the admin token; if not, answers 401."""
+            if access.admits(self.headers.get("Authorization")):
+                return True
+            self._send(
+                HTTPStatus.UNAUTHORIZED,
+                _TEXT,
+                b"the admin token is required (Authorization: Bearer <token>)\n",
+                authenticate='Bearer realm="taskbroker-ops"',
+            )
+            return False
 
         def _route(self, path: str) -> None:
             if path == "/metrics":
@@ -364,13 +467,25 @@ def _handler_class(
             accept = self.headers.get("Accept", "")
             return "text/html" in accept and _JSON not in accept
 
-        def _send(self, code: HTTPStatus, content_type: str, body: bytes) -> None:
+        def _send(
+            self,
+            code: HTTPStatus,
+            content_type: str,
+            body: bytes,
+            allow: str | None = None,
+            authenticate: str | None = None,
+        ) -> None:
             self.send_response(code)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            if allow is not None:
+                self.send_header("Allow", allow)
+            if authenticate is not None:
+                self.send_header("WWW-Authenticate", authenticate)
             self.end_headers()
-            self.wfile.write(body)
+            if not self._head:
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             # Scrapes and probes arrive every few seconds: not worth a line each at INFO.

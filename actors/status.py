@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 from typing import Any, Final
 
-from actors.errors import RecoverableError
+from actors.errors import ConfigError, RecoverableError
+from actors.ops_http import admin_token
 
 DEFAULT_URL: Final = "http://127.0.0.1:9090"
+TOKEN_ENV: Final = "TASKBROKER_OPS_ADMIN_TOKEN"
+TOKEN_FILE_ENV: Final = "TASKBROKER_OPS_ADMIN_TOKEN_FILE"
+"""The broker's own variables, so the same environment configures both."""
 
 EXIT_OK: Final = 0
 EXIT_UNREACHABLE: Final = 1
@@ -23,13 +29,22 @@ class StatusUnavailable(RecoverableError):
     """The broker's /status did not answer, or did not answer JSON."""
 
 
-def fetch_status(url: str, timeout_s: float) -> dict[str, Any]:
-    """GET `url`/status as JSON. `url` is the ops endpoint's base (`http://host:9090`)."""
+def fetch_status(url: str, timeout_s: float, token: str | None = None) -> dict[str, Any]:
+    """GET `url`/status as JSON. `url` is the ops endpoint's base (`http://host:9090`);
+    `token`, the admin token, is sent when given."""
     endpoint = url.rstrip("/") + "/status"
-    request = urllib.request.Request(endpoint, headers={"Accept": "application/json"})
+    headers = {"Accept": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(endpoint, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             body = response.read()
+    except urllib.error.HTTPError as error:
+        if error.code == HTTPStatus.UNAUTHORIZED:
+            hint = "wrong" if token else f"needed: set {TOKEN_ENV} or --token-file"
+            raise StatusUnavailable(f"{endpoint}: refused, the admin token is {hint}") from None
+        raise StatusUnavailable(f"{endpoint}: HTTP {error.code} {error.reason}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
         reason = getattr(error, "reason", error)
         raise StatusUnavailable(f"{endpoint}: {reason}") from None
@@ -114,12 +129,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)"
     )
     parser.add_argument("--json", action="store_true", help="print the raw JSON instead")
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help=f"a file holding the admin token, for a broker with ops_status_auth = token "
+        f"(default: ${TOKEN_FILE_ENV}, else ${TOKEN_ENV}, else no token)",
+    )
 
 
 def run(arguments: argparse.Namespace) -> int:
+    token_file = arguments.token_file or os.environ.get(TOKEN_FILE_ENV, "")
     try:
-        status = fetch_status(arguments.url, arguments.timeout)
-    except StatusUnavailable as error:
+        token = admin_token("" if token_file else os.environ.get(TOKEN_ENV, ""), token_file)
+        status = fetch_status(arguments.url, arguments.timeout, token)
+    except (StatusUnavailable, ConfigError) as error:
         print(f"taskbroker status: {error}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if arguments.json:

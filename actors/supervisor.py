@@ -30,7 +30,7 @@ from typing import Any
 import pykka
 import pykka.debug
 
-from actors.config import Config, DeliveryMode, StoreMode
+from actors.config import Config, DeliveryMode, OpsStatusAuth, StoreMode
 from actors.consumer import BatchLimits, ConsumerConfig, KafkaConsumer
 from actors.direct import DirectStore, SqliteDirectState, SqliteDirectStateClient
 from actors.embedded_kafka import EMBEDDED_KAFKA_HOST, EmbeddedKafka, TopicSpec
@@ -43,7 +43,7 @@ from actors.messages import (
     StopConsuming,
 )
 from actors.metrics import FirstClaimMetrics
-from actors.ops_http import OpsEndpoint
+from actors.ops_http import OpsAccess, OpsEndpoint, admin_token
 from actors.producer import KafkaProducer, ProducerConfig
 from actors.pusher import Pusher, PusherConfig
 from actors.runtime import ask, tell_if_alive
@@ -233,6 +233,10 @@ class Supervisor:
             broker.is_ready,
             config.metrics_addr,
             config.metrics_port or None,
+            access=OpsAccess(
+                admin_token(config.ops_admin_token, config.ops_admin_token_file),
+                status_needs_token=config.ops_status_auth is OpsStatusAuth.TOKEN,
+            ),
         )
         ops.start()
         metrics = ops.metrics

@@ -7,7 +7,9 @@ busy); the full broker under load is at the end.
 from __future__ import annotations
 
 import functools
+import hmac
 import json
+import logging
 import socket
 import threading
 import time
@@ -15,7 +17,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email.message import Message
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import pykka
@@ -24,11 +28,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from actors import config as configuration
+from actors.cli import main as cli_main
+from actors.config import Config, OpsStatusAuth
 from actors.embedded_kafka import EmbeddedKafka
 from actors.errors import ConfigError, MailboxFull
 from actors.messages import Ingest
 from actors.metrics import ActorSnapshots, BrokerCollector, Metrics
-from actors.ops_http import OpsServer, render_html, status_document
+from actors.ops_http import OpsAccess, OpsServer, admin_token, render_html, status_document
 from actors.records import KafkaOffset, Offset, Partition
 from actors.runtime import BrokerActor, MailboxConfig, MailboxPolicy
 from actors.state import StateActor, StateConfig
@@ -317,6 +324,188 @@ def test_main_status_reports_an_unreachable_broker(capsys: pytest.CaptureFixture
     code = main_status(["--url", f"http://127.0.0.1:{port}", "--timeout", "1"])
     assert code == EXIT_UNREACHABLE
     assert f"127.0.0.1:{port}/status" in capsys.readouterr().err
+
+
+# --- access: the admin token -------------------------------------------------------------------
+
+TOKEN = "s3cret-admin-token-0123456789"
+MARKER = "marker-actor"
+
+
+@pytest.fixture
+def guarded() -> Iterator[OpsServer]:
+    """A server whose /status needs the admin token; its status names a MARKER actor."""
+    server = OpsServer(
+        "127.0.0.1",
+        0,
+        CollectorRegistry(),
+        status=lambda: {"ready": True, "actors": [{"name": MARKER, "alive": True}]},
+        ready=lambda: True,
+        access=OpsAccess(TOKEN, status_needs_token=True),
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def call(url: str, method: str = "GET", token: str | None = None) -> tuple[int, Message, str]:
+    """(status code, headers, body) of any request, error statuses included."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    request = urllib.request.Request(url, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            return response.status, response.headers, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read().decode()
+
+
+def test_probes_and_metrics_stay_open_when_status_needs_the_token(guarded: OpsServer) -> None:
+    for path in ("/metrics", "/healthz", "/readyz"):
+        assert call(f"{guarded.url}{path}")[0] == 200, path
+
+
+@pytest.mark.parametrize("path", ["/status", "/status.html"])
+def test_status_needs_the_token_when_configured(guarded: OpsServer, path: str) -> None:
+    for token in (None, "wrong-token-of-some-length", TOKEN + "x", ""):
+        code, headers, body = call(f"{guarded.url}{path}", token=token)
+        assert code == 401, token
+        assert headers["WWW-Authenticate"].startswith("Bearer")
+        assert MARKER not in body
+        assert token is None or not token or token not in body
+
+    code, _, body = call(f"{guarded.url}{path}", token=TOKEN)
+    assert code == 200
+    assert MARKER in body
+
+
+def test_status_is_open_by_default(endpoint: Endpoint) -> None:
+    assert Config().ops_status_auth is OpsStatusAuth.OPEN
+    assert call(f"{endpoint.url}/status")[0] == 200
+    assert call(f"{endpoint.url}/status.html")[0] == 200
+    assert call(f"{endpoint.url}/status", method="HEAD")[0] == 200
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "PAUSE"])
+@pytest.mark.parametrize("path", ["/status", "/metrics", "/actions/pause", "/nothing-here"])
+def test_every_other_method_needs_the_token_before_routing(
+    guarded: OpsServer, method: str, path: str
+) -> None:
+    for token in (None, "wrong-token-of-some-length"):
+        code, headers, _ = call(f"{guarded.url}{path}", method=method, token=token)
+        assert code == 401
+        assert headers["WWW-Authenticate"].startswith("Bearer")
+
+    code, headers, _ = call(f"{guarded.url}{path}", method=method, token=TOKEN)
+    if path in {"/status", "/metrics"}:
+        assert (code, headers["Allow"]) == (405, "GET, HEAD")
+    else:
+        assert code == 404
+
+
+def test_without_a_token_configured_nothing_changes_state(endpoint: Endpoint) -> None:
+    for token in (None, "", "anything-at-all-long-enough"):
+        assert call(f"{endpoint.url}/nothing-here", method="POST", token=token)[0] == 401
+
+
+def test_the_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[tuple[bytes, bytes]] = []
+    compare_digest = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return compare_digest(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    access = OpsAccess(TOKEN)
+
+    assert access.admits(f"Bearer {TOKEN}")
+    assert access.admits(f"bearer {TOKEN}")
+    assert not access.admits(f"Bearer {TOKEN[:-1]}")
+    assert not access.admits(f"Basic {TOKEN}")
+    assert not access.admits(None)
+    assert len(compared) == 3
+    assert TOKEN not in repr(access)
+
+
+def test_the_admin_token_comes_from_a_file_trimmed(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(f"  {TOKEN}\n")
+    assert admin_token("", str(token_file)) == TOKEN
+    assert admin_token(TOKEN, "") == TOKEN
+    assert admin_token("", "") is None
+
+    token_file.write_text("short\n")
+    with pytest.raises(ConfigError, match="ops_admin_token_file") as refused:
+        admin_token("", str(token_file))
+    assert "short" not in str(refused.value)
+    with pytest.raises(ConfigError, match="ops_admin_token_file: cannot read"):
+        admin_token("", str(tmp_path / "missing"))
+
+
+def test_token_status_auth_needs_a_token() -> None:
+    with pytest.raises(ConfigError, match="ops_status_auth"):
+        configuration.load(env={"TASKBROKER_OPS_STATUS_AUTH": "token"})
+    with pytest.raises(ConfigError, match="either"):
+        configuration.load(
+            env={"TASKBROKER_OPS_ADMIN_TOKEN": TOKEN, "TASKBROKER_OPS_ADMIN_TOKEN_FILE": "/x"}
+        )
+
+
+def test_the_command_line_refuses_the_token(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["config", "--set", f"ops_admin_token={TOKEN}"]) == 2
+    err = capsys.readouterr().err
+    assert "ops_admin_token: not accepted on the command line" in err
+    assert "TASKBROKER_OPS_ADMIN_TOKEN" in err
+    assert TOKEN not in err
+
+
+def test_the_token_never_appears_in_config_status_or_logs(
+    guarded: OpsServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("TASKBROKER_OPS_ADMIN_TOKEN", TOKEN)
+    monkeypatch.setenv("TASKBROKER_OPS_STATUS_AUTH", "token")
+    assert cli_main(["config"]) == 0
+    shown = capsys.readouterr().out
+    assert 'ops_admin_token = "****"' in shown
+    assert 'ops_status_auth = "token"' in shown
+    assert TOKEN not in shown
+    config = configuration.load(env={"TASKBROKER_OPS_ADMIN_TOKEN": TOKEN})
+    assert TOKEN not in repr(config)
+
+    with caplog.at_level(logging.DEBUG):
+        for method, token in [("GET", TOKEN), ("GET", TOKEN[:-1]), ("POST", TOKEN)]:
+            for path in ("/status", "/status.html", "/actions/pause"):
+                body = call(f"{guarded.url}{path}", method=method, token=token)[2]
+                assert TOKEN not in body
+    assert caplog.records  # the requests were logged, at DEBUG
+    assert TOKEN not in caplog.text
+
+
+def test_main_status_sends_the_token_from_the_environment(
+    guarded: OpsServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("TASKBROKER_OPS_ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("TASKBROKER_OPS_ADMIN_TOKEN_FILE", raising=False)
+    assert main_status(["--url", guarded.url, "--json"]) == EXIT_UNREACHABLE
+    assert "TASKBROKER_OPS_ADMIN_TOKEN" in capsys.readouterr().err
+
+    monkeypatch.setenv("TASKBROKER_OPS_ADMIN_TOKEN", TOKEN)
+    assert main_status(["--url", guarded.url, "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["actors"][0]["name"] == MARKER
+
+
+def test_main_status_reads_a_token_file(
+    guarded: OpsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    assert main_status(["--url", guarded.url, "--json", "--token-file", str(token_file)]) == 0
+    assert MARKER in capsys.readouterr().out
 
 
 # --- a full broker under a little load ---------------------------------------------------------
