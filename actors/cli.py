@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +110,9 @@ def produce_activations(
     return ProduceOutcome(acknowledged, 0, None)
 
 
-def kafka_answers(bootstrap_servers: str, timeout_s: float) -> bool:
+def kafka_answers(
+    bootstrap_servers: str, timeout_s: float, security: Mapping[str, str] | None = None
+) -> bool:
     """Whether a Kafka at `bootstrap_servers` answers a metadata request within `timeout_s`.
 
     Gives up early once librdkafka finds every bootstrap server down (connection refused),
@@ -123,7 +125,10 @@ def kafka_answers(bootstrap_servers: str, timeout_s: float) -> bool:
             all_down.set()
 
     # log_level 0: the caller says what a failed probe means; librdkafka's lines would not.
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "log_level": 0}, error_cb=on_error)
+    admin = AdminClient(
+        {"bootstrap.servers": bootstrap_servers, "log_level": 0, **(security or {})},
+        error_cb=on_error,
+    )
     deadline = time.monotonic() + timeout_s
     while (remaining_s := deadline - time.monotonic()) > 0:
         try:
@@ -244,6 +249,14 @@ def _add_produce(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--topic", default="taskworker", help="the topic to write to (default: %(default)s)"
     )
     parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a TOML file whose [kafka_security] (and TASKBROKER_KAFKA_SECURITY__* in the "
+        "environment) says how to authenticate to Kafka (default: none: PLAINTEXT)",
+    )
+    parser.add_argument(
         "--timeout",
         type=_positive_float,
         default=30.0,
@@ -266,7 +279,12 @@ def _produce(args: argparse.Namespace) -> int:
         processing_deadline_s=args.processing_deadline,
         param_bytes=args.param_bytes,
     )
-    if not kafka_answers(args.kafka, min(args.timeout, _KAFKA_PROBE_S)):
+    try:
+        security = configuration.load(args.config, os.environ).kafka_security.client_settings()
+    except ConfigError as exc:
+        print(f"taskbroker produce: {exc}", file=sys.stderr)
+        return 2
+    if not kafka_answers(args.kafka, min(args.timeout, _KAFKA_PROBE_S), security):
         print(
             f"taskbroker produce: no Kafka answers at {args.kafka} (--kafka). "
             f"`taskbroker run` without --kafka starts one at {_local_kafka()}; "
@@ -277,7 +295,9 @@ def _produce(args: argparse.Namespace) -> int:
     timeout_ms = round(args.timeout * 1000)
     try:
         producer = KafkaProducer(
-            ProducerConfig(bootstrap_servers=args.kafka, delivery_timeout_ms=timeout_ms)
+            ProducerConfig(
+                bootstrap_servers=args.kafka, delivery_timeout_ms=timeout_ms, security=security
+            )
         )
     except ConfigError as exc:
         print(f"taskbroker produce: {exc}", file=sys.stderr)

@@ -22,7 +22,15 @@ from actors.services import BatchLimits
 
 ENV_PREFIX = "TASKBROKER_"
 ENV_NESTING = "__"
-SECRET_KEYS = frozenset({"grpc_shared_secret", "ops_admin_token"})
+SECRET_KEYS = frozenset(
+    {
+        "grpc_shared_secret",
+        "ops_admin_token",
+        "kafka_security.sasl_password",
+        "kafka_security.ssl_key_password",
+    }
+)
+"""Keys, dotted below the top level, whose values `taskbroker config` shows as `****`."""
 
 
 class StoreMode(enum.StrEnum):
@@ -140,6 +148,68 @@ class FetchSettings:
         _at_least("batch_length", self.batch_length, 1)
 
 
+_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSecurity:
+    """How the consumer and every producer authenticate to Kafka: librdkafka's settings of
+    the same name with `_` for `.`, as taskbroker's kafka cluster keys are.
+
+    A secret may be inline (in the file, or `TASKBROKER_KAFKA_SECURITY__SASL_PASSWORD`) or
+    a `_file` path read at startup, so that it need not sit in the configuration file.
+    """
+
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    """PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (librdkafka's `sasl.mechanism(s)`)."""
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    sasl_password_file: str = ""
+    ssl_ca_location: str = ""
+    ssl_certificate_location: str = ""
+    ssl_key_location: str = ""
+    ssl_key_password: str = field(default="", repr=False)
+    ssl_key_password_file: str = ""
+
+    def __post_init__(self) -> None:
+        if self.security_protocol.upper() not in _SECURITY_PROTOCOLS:
+            raise ConfigError(
+                f"security_protocol: {self.security_protocol!r} is not one of "
+                + ", ".join(_SECURITY_PROTOCOLS)
+            )
+        for secret in ("sasl_password", "ssl_key_password"):
+            if getattr(self, secret) and getattr(self, f"{secret}_file"):
+                raise ConfigError(f"{secret}: set either it or {secret}_file, not both")
+
+    def client_settings(self) -> dict[str, str]:
+        """The librdkafka settings, secrets read from their files; unset keys are left out
+        so that librdkafka's defaults stay in force."""
+        settings = {
+            "security.protocol": self.security_protocol.upper(),
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password
+            or _read_secret("kafka_security.sasl_password_file", self.sasl_password_file),
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+            "ssl.key.password": self.ssl_key_password
+            or _read_secret("kafka_security.ssl_key_password_file", self.ssl_key_password_file),
+        }
+        return {key: value for key, value in settings.items() if value}
+
+
+def _read_secret(key: str, path: str) -> str:
+    if not path:
+        return ""
+    try:
+        # A trailing newline is the editor's or echo's, never part of the secret.
+        return Path(path).read_text().rstrip("\r\n")
+    except OSError as error:
+        raise ConfigError(f"{key}: {error.strerror or error}") from error
+
+
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
     """TLS for the gRPC port; both files empty (the default): plaintext. The files are read
@@ -205,6 +275,8 @@ class Config:
     kafka_session_timeout_ms: int = 6000
     kafka_auto_offset_reset: OffsetReset = OffsetReset.LATEST
     kafka_produce_timeout_ms: int = 10_000
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    """Applies to the embedded Kafka too, which listens in PLAINTEXT."""
 
     db_path: str = "./taskbroker-inflight.sqlite"
     store_mode: StoreMode = StoreMode.MEMORY
@@ -459,7 +531,7 @@ def _emit(obj: Any, prefix: str, lines: list[str], tables: list[tuple[str, Any]]
         if dataclasses.is_dataclass(value) or isinstance(value, dict):
             tables.append((f"{prefix}{item.name}", value))
             continue
-        if item.name in SECRET_KEYS and value:
+        if f"{prefix}{item.name}" in SECRET_KEYS and value:
             value = "****" if isinstance(value, str) else tuple("****" for _ in value)
         lines.append(f"{item.name} = {_toml_value(value)}")
 

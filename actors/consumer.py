@@ -34,7 +34,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
 
@@ -117,6 +117,8 @@ class ConsumerConfig:
     dlq_retry_backoff_ms: int = 5_000
     max_delayed_task_allowed_s: int = 3_600
     client_id: str = "taskbroker-actors"
+    security: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """librdkafka's security.*, sasl.* and ssl.* settings; out of repr: it holds secrets."""
 
     def __post_init__(self) -> None:
         for key in ("bootstrap_servers", "topic", "group_id", "dlq_topic"):
@@ -161,6 +163,7 @@ class ConsumerConfig:
             # Eager assignors: with cooperative-sticky, Tansu gave a second member no
             # partitions until the first one left the group.
             "partition.assignment.strategy": "range,roundrobin",
+            **self.security,
         }
 
 

@@ -38,6 +38,8 @@ class ProducerConfig:
     delivery_timeout_ms: int = 10_000
     linger_ms: int = 5
     enable_idempotence: bool = True
+    security: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """librdkafka's security.*, sasl.* and ssl.* settings; out of repr: it holds secrets."""
 
     def __post_init__(self) -> None:
         if not self.bootstrap_servers:
@@ -60,6 +62,7 @@ class ProducerConfig:
             "enable.idempotence": self.enable_idempotence,
             "linger.ms": self.linger_ms,
             "delivery.timeout.ms": self.delivery_timeout_ms,
+            **self.security,
         }
 
 

@@ -20,7 +20,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +196,8 @@ class Supervisor:
         # mistake (a second broker from the same directory), and the one to report.
         check_database(Path(config.db_path))
         check_ports(config)
+        # Before anything starts, like the checks above: an unreadable secret file.
+        kafka_security = config.kafka_security.client_settings()
         embedded = None
         bootstrap = config.kafka_cluster
         if not bootstrap:
@@ -203,7 +205,7 @@ class Supervisor:
             bootstrap = embedded.bootstrap
         broker = Broker(config, bootstrap, grpc_port=0, embedded_kafka=embedded)
         try:
-            self._start_actors(broker)
+            self._start_actors(broker, kafka_security)
         except BaseException:
             self.stop(broker)
             raise
@@ -224,7 +226,7 @@ class Supervisor:
         )
         return kafka
 
-    def _start_actors(self, broker: Broker) -> None:
+    def _start_actors(self, broker: Broker, kafka_security: Mapping[str, str]) -> None:
         config = self._config
         mailboxes = config.mailbox
         # First, so that liveness answers during a long restore; readiness waits for the end.
@@ -303,7 +305,9 @@ class Supervisor:
         produce_timeout_ms = config.kafka_produce_timeout_ms
         producer = KafkaProducer(
             ProducerConfig(
-                bootstrap_servers=broker.kafka_bootstrap, delivery_timeout_ms=produce_timeout_ms
+                bootstrap_servers=broker.kafka_bootstrap,
+                delivery_timeout_ms=produce_timeout_ms,
+                security=kafka_security,
             )
         )
         heartbeat = Heartbeat()
@@ -366,10 +370,15 @@ class Supervisor:
                     max_bytes=config.db_insert_batch_max_size,
                 ),
                 max_delayed_task_allowed_s=config.max_delayed_task_allowed_sec,
+                security=kafka_security,
             ),
             state,
             KafkaProducer(
-                ProducerConfig(broker.kafka_bootstrap, delivery_timeout_ms=produce_timeout_ms)
+                ProducerConfig(
+                    broker.kafka_bootstrap,
+                    delivery_timeout_ms=produce_timeout_ms,
+                    security=kafka_security,
+                )
             ),
             mailbox=mailboxes.consumer.to_runtime(),
             observer=metrics.mailbox,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from actors import config
+from actors.cli import main
 from actors.config import Config, DeliveryMode, OffsetReset, StoreMode
 from actors.errors import ConfigError
 from actors.runtime import MailboxPolicy
@@ -135,3 +136,20 @@ def test_worker_map_from_a_file_and_the_environment(tmp_path: Path) -> None:
     }
     shown = config.to_toml(loaded)
     assert '[worker_map]\nsentry = ["127.0.0.1:50052"]' in shown
+
+
+def test_nested_secrets_are_masked_wherever_they_come_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text('[kafka_security]\nsasl_username = "broker"\nsasl_password = "pw-in-file"\n')
+    monkeypatch.setenv("TASKBROKER_KAFKA_SECURITY__SSL_KEY_PASSWORD", "pw-in-env")
+    assert main(["config", "--config", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "pw-in-file" not in shown
+    assert "pw-in-env" not in shown
+    security = tomllib.loads(shown)["kafka_security"]
+    assert security["sasl_username"] == "broker"
+    assert (security["sasl_password"], security["ssl_key_password"]) == ("****", "****")
+    unset = tomllib.loads(config.to_toml(Config()))["kafka_security"]
+    assert unset["sasl_password"] == ""  # nothing to hide: no mask that would read as set
