@@ -248,9 +248,7 @@ class StateMachine:
             return record
         return None
 
-    def claim_for_push(
-        self, now: float, application: str | None, lease_s: float
-    ) -> Record | None:
+    def claim_for_push(self, now: float, application: str | None, lease_s: float) -> Record | None:
         """Take the oldest pending record of `application` for a push: CLAIMED until the
         worker acknowledges it (`push_acknowledged`), refuses it (`push_failed`), or the
         lease ends (`tick`), whichever comes first."""

@@ -140,9 +140,7 @@ class StateMachineModel(RuleBasedStateMachine):
             assert expires_at is not None, "claim removed a task that cannot expire"
             assert expires_at <= self.now, "claim removed a live task"
 
-    @rule(
-        application=st.sampled_from((None, *APPLICATIONS)), lease_s=st.sampled_from((1, 10))
-    )
+    @rule(application=st.sampled_from((None, *APPLICATIONS)), lease_s=st.sampled_from((1, 10)))
     def claim_for_push(self, application: str | None, lease_s: float) -> None:
         eligible = self.claimable(application, None)
         attempts = {r.id: r.processing_attempts for r in self.machine}
