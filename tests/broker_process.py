@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+from actors.embedded_kafka import EmbeddedKafka
+
 READY_LINE = "taskbroker ready"
 
 
@@ -61,6 +63,9 @@ class BrokerProcess:
             process.kill()
             process.wait(10)
 
+    def send_signal(self, signum: int) -> None:
+        self._require().send_signal(signum)
+
     def wait(self, timeout_s: float) -> int:
         return self._require().wait(timeout_s)
 
@@ -96,3 +101,29 @@ def wait_for(condition: object, timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.1)
+
+
+def run_args(
+    kafka: EmbeddedKafka,
+    topic: str,
+    dlq: str,
+    db_path: Path,
+    grpc_port: int,
+    metrics_port: int = 0,
+) -> list[str]:
+    """`taskbroker run` flags for a broker in the topic's group, on its own file and ports."""
+    return [
+        "--kafka", kafka.bootstrap,
+        "--db", str(db_path),
+        "--grpc-port", str(grpc_port),
+        "--metrics-port", str(metrics_port),
+        "--set", f"kafka_topic={topic}",
+        "--set", f"kafka_deadletter_topic={dlq}",
+        "--set", f"kafka_consumer_group=group-{topic}",
+        "--set", "kafka_auto_offset_reset=earliest",
+        "--set", "grpc_addr=127.0.0.1",
+        "--set", "metrics_addr=127.0.0.1",
+        "--set", "processing_deadline_grace_sec=0",
+        "--set", "upkeep_task_interval_ms=200",
+        "--set", "upkeep_deadline_reset_skip_after_startup_sec=0",
+    ]  # fmt: skip

@@ -27,7 +27,7 @@ from actors.supervisor import EXIT_STARTUP_FAILED
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2_grpc as pb_grpc
 from actors.writer import SqliteWriter, WriterConfig
-from tests.broker_process import BrokerProcess, wait_for
+from tests.broker_process import BrokerProcess, run_args, wait_for
 from tests.recipients import Collector
 
 if TYPE_CHECKING:
@@ -90,22 +90,6 @@ def test_a_refused_file_gives_its_lock_back(db_path: Path) -> None:
     for _ in range(2):
         with pytest.raises(StoreError, match="not a database"):
             SqliteStore(db_path)
-
-
-def run_args(
-    kafka: EmbeddedKafka, topic: str, dlq: str, db_path: Path, grpc_port: int
-) -> list[str]:
-    return [
-        "--kafka", kafka.bootstrap,
-        "--db", str(db_path),
-        "--grpc-port", str(grpc_port),
-        "--metrics-port", "0",
-        "--set", f"kafka_topic={topic}",
-        "--set", f"kafka_deadletter_topic={dlq}",
-        "--set", f"kafka_consumer_group=group-{topic}",
-        "--set", "kafka_auto_offset_reset=earliest",
-        "--set", "grpc_addr=127.0.0.1",
-    ]  # fmt: skip
 
 
 def produce(kafka: EmbeddedKafka, topic: str, activation_id: str) -> None:

@@ -25,7 +25,7 @@ from actors.producer import KafkaProducer, OutgoingMessage, ProducerConfig
 from actors.records import OnAttemptsExceeded
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2_grpc as pb_grpc
-from tests.broker_process import BrokerProcess, wait_for
+from tests.broker_process import BrokerProcess, run_args, wait_for
 from tests.kafka_support import read_values
 
 if TYPE_CHECKING:
@@ -202,32 +202,6 @@ def broker_args(
     grpc_port = free_port()
     args = run_args(kafka, topic, dlq, tmp_path / "broker.sqlite", grpc_port)
     return args, f"127.0.0.1:{grpc_port}", topic, dlq
-
-
-def run_args(
-    kafka: EmbeddedKafka,
-    topic: str,
-    dlq: str,
-    db_path: Path,
-    grpc_port: int,
-    metrics_port: int = 0,
-) -> list[str]:
-    """`taskbroker run` flags for a broker in the topic's group, on its own file and ports."""
-    return [
-        "--kafka", kafka.bootstrap,
-        "--db", str(db_path),
-        "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port),
-        "--set", f"kafka_topic={topic}",
-        "--set", f"kafka_deadletter_topic={dlq}",
-        "--set", f"kafka_consumer_group=group-{topic}",
-        "--set", "kafka_auto_offset_reset=earliest",
-        "--set", "grpc_addr=127.0.0.1",
-        "--set", "metrics_addr=127.0.0.1",
-        "--set", "processing_deadline_grace_sec=0",
-        "--set", "upkeep_task_interval_ms=200",
-        "--set", "upkeep_deadline_reset_skip_after_startup_sec=0",
-    ]  # fmt: skip
 
 
 def settled(scenario: Scenario, ledger: Ledger) -> bool:

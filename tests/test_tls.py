@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import datetime
 import logging
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pykka
@@ -18,12 +19,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.errors import ConfigError
 from actors.frontend import FrontendConfig, GrpcFrontend
 from actors.runtime import MailboxConfig
 from actors.state import StateActor, StateConfig
 from actors.tls import ReloadTls, TlsFiles
 from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
+from tests.broker_process import BrokerProcess, run_args, wait_for
+
+if TYPE_CHECKING:
+    from tests.conftest import TopicFactory
 
 TIMEOUT_S = 5.0
 HOST = "127.0.0.1"
@@ -200,3 +206,34 @@ def test_a_missing_file_fails_the_start_naming_it(tmp_path: Path) -> None:
             GrpcFrontend(FrontendConfig(host=HOST, port=0, tls=files), state)
     finally:
         state.stop()
+
+
+@pytest.mark.kafka
+def test_sighup_makes_a_running_broker_serve_the_new_certificates(
+    tmp_path: Path, kafka: EmbeddedKafka, kafka_topics: TopicFactory
+) -> None:
+    old, new = Authority("old"), Authority("new")
+    tls = write_server_files(tmp_path, old, None)
+    topic, dlq = kafka_topics()
+    port = free_port()
+    args = [
+        *run_args(kafka, topic, dlq, tmp_path / "broker.sqlite", port),
+        "--set", f"tls.cert_file={tls.cert_file}",
+        "--set", f"tls.key_file={tls.key_file}",
+    ]  # fmt: skip
+    with BrokerProcess(args, tmp_path / "broker.log") as broker:
+        broker.start()
+        health_check(tls_channel(port, old))
+        write_server_files(tmp_path, new, None)
+        broker.send_signal(signal.SIGHUP)
+        wait_for(lambda: answers(tls_channel(port, new)), 10.0, "the new certificates")
+        assert refused(tls_channel(port, old)) is grpc.StatusCode.UNAVAILABLE
+        assert "SIGHUP received: reloading the gRPC TLS certificates" in broker.log
+
+
+def answers(channel: grpc.Channel) -> bool:
+    try:
+        health_check(channel)
+    except grpc.RpcError:
+        return False
+    return True
