@@ -34,6 +34,7 @@ COMPAT_DIR = Path(__file__).parent / "compat"
 README_BROKER = "127.0.0.1:50051"
 """The broker address the README's examples use; the tests put their broker's in its place."""
 TASKS = 5
+RAN = re.compile(r"running readme\.hello (readme-\d+)")
 RUN_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 AWAY_S = 2.5
@@ -140,8 +141,10 @@ class Snippet:
             )
 
     def ran(self) -> list[str]:
-        """The ids of the tasks it ran: it prints `running TASKNAME ID` for each."""
-        return [line.split()[-1] for line in self._stdout.read_text().splitlines()]
+        """The ids of the tasks it ran: it prints `running TASKNAME ID` for each. Found by
+        pattern, not by line: the batch worker prints from several threads, and `print`
+        writes the text and its newline apart, so lines may interleave."""
+        return RAN.findall(self._stdout.read_text())
 
     def running(self) -> bool:
         """True while it runs; an exit before Ctrl-C fails the test at once."""
