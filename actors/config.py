@@ -246,8 +246,9 @@ class Config:
     """The front end sends the state actor one batch of calls at most this often."""
     grpc_shutdown_grace_ms: int = 5000
     grpc_shared_secret: tuple[str, ...] = ()
-    grpc_max_concurrent_streams: int = 100
-    """Calls in progress at once on one worker connection."""
+    grpc_max_concurrent_streams: int = 1024
+    """Calls in progress at once on one worker connection (a worker process puts all its
+    concurrent calls on one)."""
     grpc_keepalive_min_ping_interval_ms: int = 10_000
     """Client pings closer together than this are strikes."""
     grpc_max_ping_strikes: int = 2

@@ -82,9 +82,11 @@ class FrontendConfig:
     by pushing them."""
     tls: TlsFiles | None = None
     """None: plaintext, for local use."""
-    max_concurrent_streams: int = 100
-    """Calls in progress at once on one connection; more wait in the client. A worker runs
-    a handful; 100 is grpc's usual advertised limit and bounds what one client can hold."""
+    max_concurrent_streams: int = 1024
+    """Calls in progress at once on one connection. A worker process multiplexes all its
+    concurrent calls on one connection: at 100, `loadtest e2e` with 256 coroutines in one
+    process got 121 tasks/s and 29,659 refused calls, against 3,630 tasks/s and none at
+    1,000. 1,024 still bounds what one client can hold open."""
     keepalive_min_ping_interval_ms: int = 10_000
     """Pings closer together than this are strikes; grpc's own default (5 min) would
     strike a worker whose channel pings every 30 s or so to keep NATs open."""

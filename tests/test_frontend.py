@@ -3,6 +3,7 @@ every row of WIRE.md "Semantics" with its status code, health, signing, limits."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -568,3 +569,24 @@ def test_one_connection_runs_at_most_max_concurrent_streams_calls(
     other = health_pb2_grpc.HealthStub(connect())
     other.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
     watch.cancel()
+
+
+def test_a_worker_process_may_hold_hundreds_of_calls_on_one_connection(
+    start_broker: StartBroker,
+) -> None:
+    """A worker process multiplexes its calls on one connection; the default stream limit
+    must not refuse a busy one (at 100 streams it refused most of 256)."""
+    broker = start_broker()
+    broker.ingest(*(activation_record(f"t{i}") for i in range(300)))
+    port = broker.frontend.proxy().port.get(timeout=TIMEOUT_S)
+
+    async def claim_together() -> list[str]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            get_task = channel.unary_unary(f"/{SERVICE_NAME}/GetTask")
+            answers = await asyncio.gather(
+                *(get_task(b"", timeout=TIMEOUT_S) for _ in range(300)), return_exceptions=True
+            )
+        return [type(a).__name__ for a in answers if not isinstance(a, bytes)]
+
+    assert asyncio.run(claim_together()) == []
+    assert broker.ask_state(Stats()).by_status.get(Status.PROCESSING) == 300
