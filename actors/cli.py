@@ -101,7 +101,7 @@ def produce_activations(
     acknowledged = 0
     for start in range(0, count, _PRODUCE_CHUNK):
         ids = [f"{prefix}-{n}" for n in range(start, min(start + _PRODUCE_CHUNK, count))]
-        messages = [OutgoingMessage(i, topic, spec.encode(i)) for i in ids]
+        messages = [OutgoingMessage(i, topic, spec.encode(i), key=i.encode()) for i in ids]
         report = producer.produce_many(messages, timeout_s=timeout_s)
         acknowledged += len(report.acknowledged)
         if report.failed:

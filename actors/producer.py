@@ -68,12 +68,18 @@ class ProducerConfig:
 
 @dataclass(frozen=True, slots=True)
 class OutgoingMessage:
-    """One message to produce; `key_id` names it in the report (an activation id)."""
+    """One message to produce; `key_id` names it in the report (an activation id).
+
+    `key`, when given, is the Kafka key: messages with keys spread over the topic's
+    partitions by hash, where keyless ones go to one partition per batch (librdkafka's
+    sticky partitioner), which would leave all but one broker of a group idle.
+    """
 
     key_id: str
     topic: str
     value: bytes = field(repr=False)
     headers: tuple[tuple[str, bytes], ...] = ()
+    key: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +182,7 @@ class KafkaProducer:
                 self._producer.produce(
                     item.topic,
                     value=item.value,
+                    key=item.key,
                     headers=list(item.headers),
                     on_delivery=partial(outcomes.delivered, item.key_id),
                 )

@@ -336,7 +336,8 @@ def test_two_brokers_in_one_group_split_the_partitions_and_run_every_task_once(
             i: encode_activation(activation_id=i, namespace="e2e", taskname="ok") for i in ids
         }
         report = producer.produce_many(
-            [OutgoingMessage(i, topic, value) for i, value in values.items()], timeout_s=30
+            [OutgoingMessage(i, topic, v, key=i.encode()) for i, v in values.items()],
+            timeout_s=30,
         )
         producer.close(timeout_s=5)
         assert report.all_acknowledged, report.failed

@@ -10,7 +10,7 @@ import pytest
 from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.errors import ConfigError
 from actors.producer import KafkaProducer, OutgoingMessage, ProducerConfig, ProduceReport
-from tests.kafka_support import read_values
+from tests.kafka_support import read_messages, read_values
 
 if TYPE_CHECKING:
     from tests.conftest import TopicFactory
@@ -48,6 +48,22 @@ def test_every_message_is_acknowledged_and_lands_on_its_topic(
     received = read_values(kafka.bootstrap, topic, count=20, partitions=3)
     assert sorted(received) == sorted((m.value, list(m.headers)) for m in retries)
     assert read_values(kafka.bootstrap, dlq_topic, count=1, partitions=3) == [(b"dead letter", [])]
+
+
+@pytest.mark.kafka
+def test_keyed_messages_spread_over_the_partitions_by_key(
+    kafka: EmbeddedKafka, kafka_topics: TopicFactory, producer: KafkaProducer
+) -> None:
+    topic, _ = kafka_topics(partitions=4)
+    keyed = [OutgoingMessage(f"id-{i}", topic, b"v", key=f"id-{i}".encode()) for i in range(40)]
+    assert producer.produce_many(keyed, timeout_s=10).all_acknowledged
+    received = read_messages(kafka.bootstrap, topic, count=40, partitions=4)
+    by_key: dict[bytes | None, set[int | None]] = {}
+    for message in received:
+        by_key.setdefault(message.key(), set()).add(message.partition())
+    assert set(by_key) == {m.key for m in keyed}
+    assert all(len(partitions) == 1 for partitions in by_key.values()), "a key moved"
+    assert len(set().union(*by_key.values())) > 1, "every message on one partition"
 
 
 @pytest.mark.kafka
