@@ -330,6 +330,11 @@ class ConsumerStats:
 
 
 @dataclass(frozen=True, slots=True)
+class ReloadTls:
+    """Asks the front end to read its certificate files again (the supervisor's SIGHUP)."""
+
+
+@dataclass(frozen=True, slots=True)
 class SetServing(Essential):
     """The broker is ready (restored, consuming) or no longer is: flips gRPC health."""
 

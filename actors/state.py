@@ -36,7 +36,7 @@ from actors.messages import (
     TickResult,
     WorkBatch,
 )
-from actors.records import ActivationId
+from actors.records import ActivationId, Record
 from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, Ticker, tell_if_alive
 from actors.statemachine import Limits, StateMachine, first_claim_latency_s
 
@@ -177,9 +177,7 @@ class StateActor(BrokerActor):
             self._claims["miss"] += 1
             return None
         self._claims["hit"] += 1
-        latency_s = first_claim_latency_s(record, now)
-        if latency_s is not None:
-            self._claim_observer.first_claimed(record.namespace, record.taskname, latency_s)
+        self._observe_claim(record, now)
         return record.activation
 
     def _claim_for_push(self, ask: ClaimForPush) -> tuple[tuple[ActivationId, bytes], ...]:
@@ -190,10 +188,13 @@ class StateActor(BrokerActor):
             if record is None:
                 break
             tasks.append((record.id, record.activation))
-            latency_s = first_claim_latency_s(record, now)
-            if latency_s is not None:
-                self._claim_observer.first_claimed(record.namespace, record.taskname, latency_s)
+            self._observe_claim(record, now)
         return tuple(tasks)
+
+    def _observe_claim(self, record: Record, now: float) -> None:
+        latency_s = first_claim_latency_s(record, now)
+        if latency_s is not None:
+            self._claim_observer.first_claimed(record.namespace, record.taskname, latency_s)
 
     def _settle(self, settled: PushesSettled) -> None:
         now, machine = self._clock(), self._machine

@@ -40,6 +40,7 @@ from actors.messages import (
     Connect,
     Drain,
     LoadAndRestore,
+    ReloadTls,
     StopConsuming,
 )
 from actors.metrics import FirstClaimMetrics
@@ -51,7 +52,7 @@ from actors.state import StateActor, StateConfig
 from actors.state_client import BlockingStateClient
 from actors.statemachine import Limits
 from actors.store import DatabaseLock
-from actors.tls import ReloadTls, TlsFiles
+from actors.tls import TlsFiles
 from actors.upkeep import HealthMonitor, Heartbeat, Upkeep, UpkeepConfig
 from actors.writer import SqliteWriter, WriterConfig
 

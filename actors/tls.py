@@ -34,11 +34,6 @@ class TlsFiles:
         return bool(self.client_ca_file)
 
 
-@dataclass(frozen=True, slots=True)
-class ReloadTls:
-    """Asks the front end to read its certificate files again (the supervisor's SIGHUP)."""
-
-
 class ReloadableCredentials:
     """Server credentials whose certificates `reload` replaces for new connections;
     connections already open keep theirs."""

@@ -22,9 +22,10 @@ from cryptography.x509.oid import NameOID
 from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.errors import ConfigError
 from actors.frontend import FrontendConfig, GrpcFrontend
+from actors.messages import ReloadTls
 from actors.runtime import MailboxConfig
 from actors.state import StateActor, StateConfig
-from actors.tls import ReloadTls, TlsFiles
+from actors.tls import TlsFiles
 from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
 from tests.broker_process import BrokerProcess, run_args, wait_for
 
