@@ -15,6 +15,7 @@ BENCHMARKS = {
     "e2e": "Kafka to broker to workers until every task is complete, tasks/s and latency",
     "compare": "memory vs sqlite-direct: throughput, latency, commit delay, restore; report",
     "latency": "produce to first claim at low load, p50/p99 from workers and the broker",
+    "chaos": "kills, Kafka and disk faults under load: lost, duplicates, drain; report",
 }
 
 
