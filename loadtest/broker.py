@@ -48,6 +48,10 @@ class BrokerSetup:
     session_timeout_ms: int = 6_000
     """The consumer group's session timeout (the broker's default, named here because a
     run that kills a broker waits on it)."""
+    db_path: Path | None = None
+    """The database file; None: `db` in the broker's work directory."""
+    settings: tuple[tuple[str, str], ...] = ()
+    """Further configuration, (KEY, value) as in TASKBROKER_KEY, set last."""
 
     @property
     def metrics_url(self) -> str | None:
@@ -85,6 +89,7 @@ def broker_environment(
     if setup.delivery == "push":
         settings["DELIVERY_MODE"] = "push"
         settings[f"WORKER_MAP__{APPLICATION.upper()}"] = ",".join(setup.worker_endpoints)
+    settings.update(setup.settings)
     return {f"TASKBROKER_{key}": value for key, value in settings.items()}
 
 
@@ -116,10 +121,11 @@ def _broker_command() -> list[str]:
 def launch_broker(
     setup: BrokerSetup, bootstrap: str, topic: str, port: int, workdir: Path
 ) -> subprocess.Popen[bytes]:
-    """A `taskbroker run` on `port` in its own process group, its database `workdir/db`,
-    not yet waited for. Its output is appended to `workdir/broker.log`, so that a
-    restart's follows the first life's."""
-    env = {**os.environ, **broker_environment(setup, bootstrap, topic, port, workdir / "db")}
+    """A `taskbroker run` on `port` in its own process group, its database `workdir/db`
+    unless `setup.db_path` says, not yet waited for. Its output is appended to
+    `workdir/broker.log`, so that a restart's follows the first life's."""
+    db_path = setup.db_path or workdir / "db"
+    env = {**os.environ, **broker_environment(setup, bootstrap, topic, port, db_path)}
     with (workdir / "broker.log").open("ab") as log:
         return subprocess.Popen(
             _broker_command(),
