@@ -23,6 +23,8 @@ class TaskSpec:
     """Size of the msgpack kwargs padding: the payload a worker would decode."""
     processing_deadline_s: int = 600
     """Long enough that no deadline reset can duplicate a task during a run."""
+    max_attempts: int = 1
+    """More than 1 lets a worker's RETRY produce a retry (`UnaryWorkers.retry_per_mille`)."""
 
 
 def task_ids(run_id: str, count: int) -> list[str]:
@@ -65,6 +67,7 @@ def produce_tasks(bootstrap: str, topic: str, ids: list[str], spec: TaskSpec) ->
             taskname="loadtest.noop",
             kwargs={"padding": padding},
             processing_deadline_duration_s=spec.processing_deadline_s,
+            max_attempts=spec.max_attempts,
         )
         while True:
             try:

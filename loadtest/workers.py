@@ -32,6 +32,7 @@ import asyncio
 import math
 import multiprocessing
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
@@ -120,7 +121,13 @@ class WorkerReport:
     received: list[str] = field(default_factory=list)
     received_from: list[str] = field(default_factory=list)
     """The broker each of `received` came from, in the same order."""
+    received_wall: list[float] = field(default_factory=list)
+    """When each of `received` arrived (wall clock), in the same order."""
     completed: list[str] = field(default_factory=list)
+    completed_wall: list[float] = field(default_factory=list)
+    """When the answer acknowledging each of `completed` came (wall clock), in the same order."""
+    retried: list[str] = field(default_factory=list)
+    """Tasks among `completed` whose result was RETRY."""
     completed_by_target: Counter[str] = field(default_factory=Counter)
     """Completions by the broker whose answer acknowledged them."""
     task_latencies_ms: list[float] = field(default_factory=list)
@@ -140,7 +147,10 @@ class WorkerReport:
         self.empty_polls += other.empty_polls
         self.received += other.received
         self.received_from += other.received_from
+        self.received_wall += other.received_wall
         self.completed += other.completed
+        self.completed_wall += other.completed_wall
+        self.retried += other.retried
         self.completed_by_target.update(other.completed_by_target)
         self.task_latencies_ms += other.task_latencies_ms
         self.last_completion = max(self.last_completion, other.last_completion)
@@ -161,6 +171,7 @@ class Tally:
         arrived = time.time()
         self.report.received.append(task.id)
         self.report.received_from.append(target)
+        self.report.received_wall.append(arrived)
         if task.HasField("received_at"):
             produced = task.received_at.seconds + task.received_at.nanos / 1e9
             self.report.claim_latencies_ms.setdefault(task.id, (arrived - produced) * 1000)
@@ -178,9 +189,11 @@ class Tally:
         self.report.completed.extend(ids)
         done = len(self.report.completed) - before
         if done:
+            now = time.time()
             self.report.completed_by_target[target] += done
             self.report.task_latencies_ms.extend([call_ms] * done)
-            self.report.last_completion = time.time()
+            self.report.completed_wall.extend([now] * done)
+            self.report.last_completion = now
             self.completed_count += done
 
     def empty_poll(self) -> None:
@@ -201,10 +214,22 @@ def report_refused(rotation: Rotation, held: Held, code: grpc.StatusCode) -> Non
         rotation.park(held)
 
 
+def answers_retry(task: pb.TaskActivation, retry_per_mille: int) -> bool:
+    """Whether a worker answers RETRY for `task`: on its first attempt only, for
+    `retry_per_mille` tasks in a thousand, chosen by its id, so that a result sent again
+    is the same result."""
+    if retry_per_mille <= 0 or task.retry_state.attempts > 0:
+        return False
+    return zlib.crc32(task.id.encode()) % 1000 < retry_per_mille
+
+
 @dataclass(frozen=True, slots=True)
 class UnaryWorkers:
     """ConsumerService: one coroutine per worker slot, one task per call."""
 
+    retry_per_mille: int = 0
+    """First attempts answered RETRY, per thousand tasks (`answers_retry`); the rest and
+    every retry are answered COMPLETE."""
     name: ClassVar[str] = "unary"
     batch: ClassVar[int] = 1
 
@@ -230,6 +255,8 @@ class _UnaryWorker:
         self._rotation = rotation
         self._work_s = plan.work_s
         self._empty_poll_sleep_s = plan.empty_poll_sleep_s
+        kind = plan.kind
+        self._retry_per_mille = kind.retry_per_mille if isinstance(kind, UnaryWorkers) else 0
         self.tally = Tally(("GetTask", "SetTaskStatus"))
 
     async def run(self) -> None:
@@ -273,9 +300,10 @@ class _UnaryWorker:
 
     async def _complete(self, held: Held, *, fetch_next: bool) -> Held | None:
         (task,) = held.tasks
+        retry = answers_retry(task, self._retry_per_mille)
         request = pb.SetTaskStatusRequest(
             id=task.id,
-            status=pb.TASK_ACTIVATION_STATUS_COMPLETE,
+            status=pb.TASK_ACTIVATION_STATUS_RETRY if retry else pb.TASK_ACTIVATION_STATUS_COMPLETE,
             fetch_next_task=pb.FetchNextTask(application=APPLICATION) if fetch_next else None,
         )
         started = time.perf_counter()
@@ -290,6 +318,8 @@ class _UnaryWorker:
             return None
         latency_ms = self.tally.answered("SetTaskStatus", started)
         self.tally.completed((task.id,), latency_ms, held.target)
+        if retry:
+            self.tally.report.retried.append(task.id)
         if not fetch_next:
             return None
         if not response.HasField("task"):
