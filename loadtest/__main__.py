@@ -16,6 +16,7 @@ BENCHMARKS = {
     "compare": "memory vs sqlite-direct: throughput, latency, commit delay, restore; report",
     "latency": "produce to first claim at low load, p50/p99 from workers and the broker",
     "chaos": "kills, Kafka and disk faults under load: lost, duplicates, drain; report",
+    "sweep": "mailbox size x overflow policy for one actor: throughput, p99, recommendation",
 }
 
 
