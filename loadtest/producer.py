@@ -25,6 +25,8 @@ class TaskSpec:
     """Long enough that no deadline reset can duplicate a task during a run."""
     max_attempts: int = 1
     """More than 1 lets a worker's RETRY produce a retry (`UnaryWorkers.retry_per_mille`)."""
+    delay_s: int | None = None
+    """Held back by the broker this long after it is produced."""
 
 
 def task_ids(run_id: str, count: int) -> list[str]:
@@ -68,6 +70,7 @@ def produce_tasks(bootstrap: str, topic: str, ids: list[str], spec: TaskSpec) ->
             kwargs={"padding": padding},
             processing_deadline_duration_s=spec.processing_deadline_s,
             max_attempts=spec.max_attempts,
+            delay_s=spec.delay_s,
         )
         while True:
             try:
