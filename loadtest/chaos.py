@@ -1,0 +1,829 @@
+"""`python -m loadtest chaos`: many crashes at bad moments, with Kafka and the disk failing
+too, under load, and every activation accounted for.
+
+It starts a Tansu (the embedded Kafka) of its own on a free loopback port, outside the
+broker's process, a `taskbroker run` on one SQLite file (on a tmpfs it mounts, so that it
+can fill the disk), and worker processes (`loadtest.workers`) that park a result the
+broker did not take and send it again, as real workers do; a share of first attempts is
+answered RETRY, so the broker has retries to produce. It produces the activations over the
+run at `--rate`, and applies, in time order (`loadtest.chaos_faults.plan`):
+
+- `--kills` SIGKILLs of the broker at random moments, `--aimed-kills` of them once the
+  broker's metrics show a flush with the writer (the commit is slowed by
+  `--commit-delay-ms` so that flushes are wide), each followed by a restart on the same
+  file and ports;
+- Kafka unreachable for `--kafka-stop-s` (SIGSTOP, then SIGCONT, of the Tansu process), a
+  burst of tasks ingested just before, so that gRPC has something to keep serving; /readyz
+  and the metrics are sampled every second;
+- the retry producer failing: Kafka stopped for `--retry-stop-s` while retries are due;
+- the disk full for `--disk-full-s`: a ballast file fills the database's tmpfs;
+- the database locked for `--lock-s` by another process holding `BEGIN EXCLUSIVE`.
+
+Then it waits until the broker holds nothing and its group has committed every offset,
+and reports (`loadtest.chaos_report`): lost activations (must be 0), duplicate executions
+against the bound the flush window implies, the time to drain after the last fault, every
+fault applied with its times and its effect on tasks/s and p99, and what was seen during
+each window. `--json PATH` writes it all; the HTML page (`--html PATH`, by default
+`loadtest/results/<date>/chaos.html`) plots tasks/s over the run with the faults marked.
+
+Bounded: every fault has its length, the run its time limit (`--max-seconds`, derived by
+default); everything it started is stopped, and the tmpfs unmounted, on the way out,
+Ctrl-C and SIGTERM included. The exit code is 0 only when nothing was lost, duplicates are
+within the bound, and every planned fault was applied and did what it should.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from actors.embedded_kafka import EmbeddedKafka, free_port
+from loadtest.broker import HOST, BrokerSetup, create_topics
+from loadtest.chaos_faults import (
+    DB_LOCKED,
+    DISK_FULL,
+    KAFKA_UNREACHABLE,
+    KILL,
+    RETRY_PRODUCER_FAILING,
+    Planned,
+    SmallDisk,
+    exclusive_lock,
+    pause_group,
+    plan,
+    resume_group,
+)
+from loadtest.chaos_report import (
+    Executions,
+    KillExposure,
+    account,
+    duplicate_bound,
+    exposure_window_s,
+    longest_flush_s,
+    outside_windows,
+    rate_series,
+    render_html,
+    sorted_completions,
+    window_stats,
+)
+from loadtest.cluster import Background, Cluster
+from loadtest.e2e import chunked, produce_paced
+from loadtest.exposition import histogram_buckets, samples_by_label, scrape
+from loadtest.producer import TaskSpec, produce_tasks, task_ids
+from loadtest.report import machine
+from loadtest.workers import UnaryWorkers, WorkerReport, complete_tasks, run_workers
+
+_ACTIVATIONS = "taskbroker_state_activations"
+_FLUSH_DURATION = "taskbroker_writer_flush_duration_seconds"
+_SAMPLE_INTERVAL_S = 1.0
+_AIM_TIMEOUT_S = 5.0
+_INGEST_TIMEOUT_S = 20.0
+_WARM_UP_TASKS = 5
+_WARM_UP_TIMEOUT_S = 90.0
+_DRAIN_ALLOWANCE_S = 240.0
+_RESTART_ALLOWANCE_S = 20.0
+_JOIN_TIMEOUT_S = 120.0
+_CHUNK_S = 2.0
+"""The producer sends a chunk of tasks every this many seconds (each chunk is a new
+producer that waits for its acknowledgements: about a second)."""
+_INGESTED = "taskbroker_kafka_activations_ingested_total"
+BURST_DELAY_S = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ChaosOptions:
+    tasks: int = 100_000
+    rate: float = 500.0
+    """Activations produced per second: the run's length is tasks / rate."""
+    kills: int = 20
+    aimed_kills: int = 10
+    kafka_stop_s: float = 30.0
+    retry_stop_s: float = 15.0
+    disk_full_s: float = 20.0
+    lock_s: float = 10.0
+    commit_delay_ms: int = 100
+    flush_interval_ms: int = 50
+    retry_per_mille: int = 50
+    workers: int = 64
+    processes: int = 2
+    partitions: int = 2
+    deadline_s: int = 15
+    """Each activation's processing deadline: a claim lost in a crash comes back this long
+    after it was made (the restarted broker resets deadlines after `reset_grace_s`)."""
+    reset_grace_s: int = 3
+    disk_mb: int = 256
+    gap_s: float = 6.0
+    """No two faults closer than this, so each one's effect is its own."""
+    session_timeout_ms: int = 6_000
+    produce_timeout_ms: int = 2_000
+    """How long upkeep waits for Kafka to acknowledge a retry (the broker's default is
+    10 s: a Kafka stop shorter than that would show no failed produce)."""
+    seed: int = 1
+    max_seconds: float | None = None
+
+    @property
+    def windows(self) -> dict[str, float]:
+        durations = {
+            KAFKA_UNREACHABLE: self.kafka_stop_s,
+            RETRY_PRODUCER_FAILING: self.retry_stop_s,
+            DISK_FULL: self.disk_full_s,
+            DB_LOCKED: self.lock_s,
+        }
+        return {kind: seconds for kind, seconds in durations.items() if seconds > 0}
+
+    @property
+    def burst(self) -> int:
+        """Tasks produced and ingested just before each Kafka stop."""
+        return max(1, min(self.tasks // 10, int(self.rate * 5)))
+
+    @property
+    def production_s(self) -> float:
+        return self.tasks / self.rate
+
+    @property
+    def time_limit_s(self) -> float:
+        if self.max_seconds is not None:
+            return self.max_seconds
+        faults_s = sum(self.windows.values()) + self.kills * _RESTART_ALLOWANCE_S
+        return self.production_s + faults_s + _DRAIN_ALLOWANCE_S
+
+
+@dataclass
+class Applied:
+    """One fault as it happened (wall clock), with what was seen during it."""
+
+    kind: str
+    planned_at_s: float
+    start_wall: float = 0.0
+    end_wall: float = 0.0
+    applied: bool = False
+    note: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Broker:
+    """The one broker of the run (slot 0 of a `Cluster`), its metrics and readiness."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.life_start_wall = time.time()
+
+    @property
+    def metrics_url(self) -> str:
+        return self.cluster.slots[0].metrics_url
+
+    def scrape(self) -> str:
+        return scrape(self.metrics_url)
+
+    def readyz(self) -> int | str:
+        url = self.metrics_url.removesuffix("/metrics") + "/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as response:
+                status: int = response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+        except OSError as error:
+            return f"unreachable: {error}"
+        return status
+
+    def sample(self) -> dict[str, Any]:
+        """What the broker says about itself now; an `error` when it does not answer."""
+        row: dict[str, Any] = {"wall": round(time.time(), 3), "readyz": self.readyz()}
+        try:
+            text = self.scrape()
+        except OSError as error:
+            row["error"] = str(error)
+            return row
+        row["activations"] = {
+            status: int(count)
+            for status, count in samples_by_label(text, _ACTIVATIONS, "status").items()
+        }
+
+        def total(name: str, label: str = "") -> float:
+            return sum(samples_by_label(text, name, label).values())
+
+        transitions = samples_by_label(text, "taskbroker_upkeep_transitions_total", "kind")
+        row["produced"] = int(transitions.get("produced", 0))
+        row["produce_failed"] = int(transitions.get("produce_failed", 0))
+        row["flush_failures"] = int(total("taskbroker_writer_flush_failures_total"))
+        row["committed_offsets"] = int(total("taskbroker_kafka_committed_offset"))
+        row["dirty_records"] = int(total("taskbroker_state_dirty_records"))
+        row["kafka_errors"] = int(total("taskbroker_kafka_errors_total"))
+        return row
+
+    def holds_nothing(self) -> bool:
+        statuses = samples_by_label(self.scrape(), _ACTIVATIONS, "status")
+        return sum(statuses.values()) == 0
+
+
+class FaultRunner:
+    """Applies the planned faults in order on a thread of its own (`__call__`), recording
+    each; a fault that could not be applied is recorded with the reason, and an error
+    (the broker not coming back) ends the schedule and is kept in `error`."""
+
+    def __init__(
+        self,
+        *,
+        options: ChaosOptions,
+        planned: list[Planned],
+        broker: Broker,
+        kafka: EmbeddedKafka,
+        disk: SmallDisk,
+        db_path: Path,
+        bursts: Bursts,
+    ) -> None:
+        self._options = options
+        self._planned = planned
+        self._broker = broker
+        self._kafka = kafka
+        self._disk = disk
+        self._db_path = db_path
+        self._bursts = bursts
+        self.applied: list[Applied] = []
+        self.kills: list[KillExposure] = []
+        self.error: str | None = None
+        self.finished = threading.Event()
+
+    def __call__(self, stop: threading.Event) -> None:
+        started = time.monotonic()
+        # The plan leaves the window faults' lengths out (`chaos_faults.plan`): each one
+        # moves what follows it back by its length.
+        shift_s = 0.0
+        try:
+            for planned in self._planned:
+                if stop.wait(max(0.0, started + shift_s + planned.at_s - time.monotonic())):
+                    return
+                shift_s += planned.duration_s
+                record = Applied(planned.kind, planned.at_s)
+                self.applied.append(record)
+                self._apply(planned, record, stop)
+                print(_fault_line(record), file=sys.stderr, flush=True)
+        except Exception as error:
+            self.error = f"{type(error).__name__}: {error}"
+            raise
+        finally:
+            self.finished.set()
+
+    def _apply(self, planned: Planned, record: Applied, stop: threading.Event) -> None:
+        if planned.kind == KILL:
+            self._kill(planned.aimed, record)
+        elif planned.kind in (KAFKA_UNREACHABLE, RETRY_PRODUCER_FAILING):
+            self._stop_kafka(planned, record, stop)
+        elif planned.kind == DISK_FULL:
+            self._fill_disk(planned, record, stop)
+        elif planned.kind == DB_LOCKED:
+            self._lock(planned, record, stop)
+
+    def _kill(self, aimed: bool, record: Applied) -> None:
+        text = self._broker.scrape()
+        in_flush = None
+        if aimed:
+            deadline = time.monotonic() + _AIM_TIMEOUT_S
+            in_flush = False
+            while time.monotonic() < deadline:
+                text = self._broker.scrape()
+                if sum(samples_by_label(text, "taskbroker_state_flush_outstanding", "").values()):
+                    in_flush = True
+                    break
+        fallback_s = self._options.commit_delay_ms / 1000 + 1.0
+        longest = longest_flush_s(histogram_buckets(text, _FLUSH_DURATION) or {}, fallback_s)
+        window = exposure_window_s(self._options.flush_interval_ms / 1000, longest)
+        record.start_wall = time.time()
+        self._broker.cluster.kill(0)
+        record.applied = True
+        self.kills.append(KillExposure(record.start_wall, window, self._broker.life_start_wall))
+        self._broker.cluster.restart(0)
+        record.end_wall = self._broker.life_start_wall = time.time()
+        record.details = {
+            "aimed": aimed,
+            "flush_outstanding_when_killed": in_flush,
+            "longest_flush_s": longest,
+            "exposure_window_s": round(window, 3),
+            "restart_s": round(record.end_wall - record.start_wall, 2),
+        }
+
+    def _sample_for(self, record: Applied, seconds: float, stop: threading.Event) -> None:
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0:
+            record.samples.append(self._broker.sample())
+            if stop.wait(min(_SAMPLE_INTERVAL_S, left)):
+                return
+
+    def _stop_kafka(self, planned: Planned, record: Applied, stop: threading.Event) -> None:
+        pid = self._kafka.pid
+        if pid is None:
+            record.note = "Kafka is not running"
+            return
+        record.details["burst_ingested"] = self._bursts(planned.kind, self._broker)
+        record.samples.append(self._broker.sample())
+        record.start_wall = time.time()
+        pause_group(pid)
+        record.applied = True
+        try:
+            self._sample_for(record, planned.duration_s, stop)
+        finally:
+            resume_group(pid)
+            record.end_wall = time.time()
+        record.samples.append(self._broker.sample())
+
+    def _fill_disk(self, planned: Planned, record: Applied, stop: threading.Event) -> None:
+        if not self._disk.mounted:
+            record.note = f"not applied: no disk of its own to fill ({self._disk.reason})"
+            return
+        record.details["burst_ingested"] = self._bursts(planned.kind, self._broker)
+        record.samples.append(self._broker.sample())
+        record.start_wall = time.time()
+        try:
+            record.details["ballast_bytes"] = self._disk.fill()
+            record.details["free_bytes_when_full"] = self._disk.free_bytes()
+            record.applied = True
+            self._sample_for(record, planned.duration_s, stop)
+        finally:
+            self._disk.empty()
+            record.end_wall = time.time()
+        record.samples.append(self._broker.sample())
+
+    def _lock(self, planned: Planned, record: Applied, stop: threading.Event) -> None:
+        record.details["burst_ingested"] = self._bursts(planned.kind, self._broker)
+        record.samples.append(self._broker.sample())
+        asked = time.time()
+        with exclusive_lock(self._db_path, planned.duration_s) as locker:
+            record.start_wall = time.time()
+            record.applied = True
+            record.details["waited_for_lock_s"] = round(record.start_wall - asked, 3)
+            self._sample_for(record, planned.duration_s, stop)
+            locker.wait(_SAMPLE_INTERVAL_S * 5)
+            record.end_wall = time.time()
+        record.samples.append(self._broker.sample())
+
+
+def _fault_line(record: Applied) -> str:
+    length = record.end_wall - record.start_wall if record.applied else 0.0
+    state = "applied" if record.applied else f"NOT applied ({record.note})"
+    return f"\n  fault {record.kind} {state}, {length:.1f} s {record.details or ''}"
+
+
+# --- what each window fault promised ------------------------------------------------------------
+
+
+def _delta(samples: list[dict[str, Any]], key: str) -> int | None:
+    values = [row[key] for row in samples if key in row]
+    return values[-1] - values[0] if len(values) >= 2 else None
+
+
+def window_checks(
+    record: Applied, acknowledged_in_window: int, retried_in_window: int
+) -> dict[str, Any]:
+    """What the window fault `record` promised, from its samples (the first taken just
+    before it, the last just after) and the tasks the workers had acknowledged in it."""
+    inside = record.samples[1:-1]
+    readyz = Counter(str(row["readyz"]) for row in inside)
+    checks: dict[str, Any] = {
+        "readyz_during": dict(readyz),
+        "acknowledged_during": acknowledged_in_window,
+    }
+    if record.kind == KAFKA_UNREACHABLE:
+        checks["grpc_kept_serving"] = acknowledged_in_window > 0
+    elif record.kind == RETRY_PRODUCER_FAILING:
+        produced = _delta(inside, "produced")
+        checks["retries_answered_during"] = retried_in_window
+        failed = _delta(record.samples, "produce_failed")
+        checks["produce_failed_during"] = failed
+        checks["produced_during"] = produced
+        # With Kafka stopped nothing may count as produced: upkeep counts a produce only
+        # once Kafka acknowledged it.
+        checks["nothing_marked_produced"] = produced == 0
+        checks["retries_were_due"] = retried_in_window > 0
+        checks["retry_produce_failed"] = bool(failed)
+    elif record.kind in (DISK_FULL, DB_LOCKED):
+        failures = _delta(record.samples, "flush_failures")
+        committed = [row["committed_offsets"] for row in inside if "committed_offsets" in row]
+        checks["flush_failures_during"] = failures
+        if record.kind == DISK_FULL:
+            checks["flushes_failed"] = bool(failures)
+        # A lock shorter than the writer's busy timeout holds a flush rather than failing it.
+        checks["offsets_held"] = len(set(committed[1:])) <= 1
+        checks["results_answered"] = acknowledged_in_window > 0
+    checks["passed"] = all(value for key, value in checks.items() if isinstance(value, bool))
+    return checks
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def _progress(total: int) -> Callable[[Any], None]:
+    def show(progress: Any) -> None:
+        print(
+            f"\r  {progress.completed:>8,} acknowledged of {total:,} produced, "
+            f"{progress.elapsed_s:6.1f} s",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show
+
+
+def _resume_kafka(kafka: EmbeddedKafka) -> None:
+    if kafka.pid is not None:
+        resume_group(kafka.pid)
+
+
+class Bursts:
+    """The tasks produced just before each window fault, held back by the broker for
+    `BURST_DELAY_S` so that they become claimable during the fault: the workers then have
+    something to take and report while Kafka, the disk or the lock is gone."""
+
+    def __init__(
+        self, ids: dict[str, list[str]], spec: TaskSpec, bootstrap: str, topic: str
+    ) -> None:
+        self._ids = ids
+        self._spec = replace(spec, delay_s=BURST_DELAY_S)
+        self._bootstrap = bootstrap
+        self._topic = topic
+
+    def __call__(self, kind: str, broker: Broker) -> int:
+        """Produce the burst of `kind`; the activations the broker ingested of it (waits
+        until all, or `_INGEST_TIMEOUT_S`)."""
+        burst = self._ids.get(kind, [])
+        if not burst:
+            return 0
+        before = _ingested(broker.scrape())
+        produce_tasks(self._bootstrap, self._topic, burst, self._spec)
+        deadline = time.monotonic() + _INGEST_TIMEOUT_S
+        ingested = 0
+        while time.monotonic() < deadline:
+            ingested = _ingested(broker.scrape()) - before
+            if ingested >= len(burst):
+                break
+            time.sleep(0.05)
+        return ingested
+
+
+def _ingested(exposition: str) -> int:
+    return int(sum(samples_by_label(exposition, _INGESTED, "").values()))
+
+
+def split_ids(
+    ids: list[str], kinds: list[str], burst: int
+) -> tuple[dict[str, list[str]], list[str]]:
+    """A burst of ids for each window fault of `kinds`, and the rest, produced at the rate."""
+    bursts = {kind: ids[i * burst : (i + 1) * burst] for i, kind in enumerate(kinds)}
+    return bursts, ids[len(kinds) * burst :]
+
+
+def _start(
+    stack: ExitStack, options: ChaosOptions, topic: str
+) -> tuple[EmbeddedKafka, SmallDisk, Cluster, Path]:
+    """Kafka, the small disk and the broker, SERVING with its partitions; all undone by
+    `stack`."""
+    disk = stack.enter_context(SmallDisk(options.disk_mb))
+    kafka = stack.enter_context(EmbeddedKafka(port=free_port(HOST)))
+    # SIGCONT before Tansu is stopped: a stopped process does not act on SIGTERM.
+    stack.callback(_resume_kafka, kafka)
+    create_topics(kafka.bootstrap, topic, options.partitions)
+    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-")))
+    db_path = (disk.path if disk.mounted else workdir) / "chaos.sqlite"
+    setup = BrokerSetup(
+        commit_delay_ms=options.commit_delay_ms,
+        max_tasks=options.tasks,
+        max_workers=options.workers,
+        session_timeout_ms=options.session_timeout_ms,
+        db_path=db_path,
+        settings=(
+            ("FLUSH_INTERVAL_MS", str(options.flush_interval_ms)),
+            ("UPKEEP_DEADLINE_RESET_SKIP_AFTER_STARTUP_SEC", str(options.reset_grace_s)),
+            ("PROCESSING_DEADLINE_GRACE_SEC", "0"),
+            ("KAFKA_PRODUCE_TIMEOUT_MS", str(options.produce_timeout_ms)),
+        ),
+    )
+    cluster = Cluster(setup, kafka.bootstrap, topic, options.partitions, workdir)
+    stack.callback(cluster.stop)
+    cluster.start(1)
+    cluster.wait_settled()
+    warm_up = task_ids(f"{topic}-warm", _WARM_UP_TASKS)
+    produce_tasks(kafka.bootstrap, topic, warm_up, TaskSpec(param_bytes=16))
+    complete_tasks(cluster.targets, _WARM_UP_TASKS, _WARM_UP_TIMEOUT_S)
+    return kafka, disk, cluster, db_path
+
+
+def run(options: ChaosOptions, command: str = "") -> dict[str, Any]:
+    """One chaos run; its result (see the module docstring)."""
+    topic = f"chaos-{uuid.uuid4().hex[:8]}"
+    spec = TaskSpec(param_bytes=256, processing_deadline_s=options.deadline_s, max_attempts=2)
+    planned = plan(
+        production_s=options.production_s,
+        kills=options.kills,
+        aimed_kills=options.aimed_kills,
+        windows=options.windows,
+        gap_s=options.gap_s,
+        seed=options.seed,
+    )
+    ids = task_ids(topic, options.tasks)
+    burst_ids, paced = split_ids(ids, [f.kind for f in planned if f.kind != KILL], options.burst)
+    with ExitStack() as stack:
+        kafka, disk, cluster, db_path = _start(stack, options, topic)
+        broker = Broker(cluster)
+        bursts = Bursts(burst_ids, spec, kafka.bootstrap, topic)
+        faults = FaultRunner(
+            options=options,
+            planned=planned,
+            broker=broker,
+            kafka=kafka,
+            disk=disk,
+            db_path=db_path,
+            bursts=bursts,
+        )
+        chunks = chunked(paced, max(1, int(options.production_s / _CHUNK_S)))
+        producer = Background(
+            "chaos-produce",
+            partial(
+                produce_paced,
+                bootstrap=kafka.bootstrap,
+                topic=topic,
+                chunks=chunks,
+                spec=spec,
+                window_s=options.production_s,
+            ),
+        )
+        scheduler = Background("chaos-faults", faults)
+        drained: list[float] = []
+
+        def start_background() -> None:
+            producer.start()
+            scheduler.start()
+
+        def settled() -> bool:
+            if faults.error is not None:
+                return True
+            if not (producer.done and faults.finished.is_set()):
+                return False
+            try:
+                if not (broker.holds_nothing() and cluster.caught_up()):
+                    return False
+            except Exception:  # the broker between lives, or Kafka slow: not yet
+                return False
+            drained.append(time.time())
+            return True
+
+        try:
+            report, started_wall, stopped_wall = run_workers(
+                cluster.targets,
+                processes=options.processes,
+                threads=max(1, options.workers // options.processes),
+                work_ms=0.0,
+                until_completed=options.tasks,
+                max_seconds=options.time_limit_s,
+                kind=UnaryWorkers(retry_per_mille=options.retry_per_mille),
+                on_started=start_background,
+                on_progress=_progress(options.tasks),
+                settled=settled,
+            )
+        finally:
+            producer.stop.set()
+            scheduler.stop.set()
+        print(file=sys.stderr)
+        errors = []
+        for background in (producer, scheduler):
+            try:
+                background.join(_JOIN_TIMEOUT_S)
+            except Exception as error:
+                errors.append(f"{background!r}: {type(error).__name__}: {error}")
+        final = broker.sample()
+    return summarize(
+        options,
+        ids,
+        report,
+        faults,
+        started_wall=started_wall,
+        stopped_wall=stopped_wall,
+        drained_wall=drained[0] if drained else None,
+        errors=errors,
+        final=final,
+        disk=disk,
+        command=command,
+    )
+
+
+def summarize(
+    options: ChaosOptions,
+    ids: list[str],
+    report: WorkerReport,
+    faults: FaultRunner,
+    *,
+    started_wall: float,
+    stopped_wall: float,
+    drained_wall: float | None,
+    errors: list[str],
+    final: dict[str, Any],
+    disk: SmallDisk,
+    command: str,
+) -> dict[str, Any]:
+    executions = Executions(
+        report.received,
+        report.received_wall,
+        report.completed,
+        report.completed_wall,
+        report.retried,
+    )
+    accounting = account(ids, executions)
+    bound = duplicate_bound(executions, faults.kills, accounting["duplicated_ids"])
+    times, latencies = sorted_completions(report.completed_wall, report.task_latencies_ms)
+    retried_times = sorted(
+        at
+        for task_id, at in zip(report.completed, report.completed_wall, strict=True)
+        if task_id in set(report.retried)
+    )
+    applied_faults = []
+    windows = []
+    for record in faults.applied:
+        effect = (
+            window_stats(times, latencies, record.start_wall, record.end_wall)
+            if record.applied
+            else {}
+        )
+        entry: dict[str, Any] = {
+            **asdict(record),
+            "start_s": round(record.start_wall - started_wall, 2) if record.applied else None,
+            "end_s": round(record.end_wall - started_wall, 2) if record.applied else None,
+            "effect": effect or {"tasks_per_s": None, "p99_ms": None},
+        }
+        if record.applied:
+            windows.append((record.start_wall, record.end_wall))
+        if record.applied and record.kind != KILL:
+            in_window = sum(1 for at in retried_times if record.start_wall <= at <= record.end_wall)
+            entry["checks"] = window_checks(record, effect["tasks"], in_window)
+        applied_faults.append(entry)
+    last_fault_end = max((end for _, end in windows), default=started_wall)
+    baseline = outside_windows(times, latencies, windows, started_wall, last_fault_end)
+    planned = len(faults.applied) if faults.error else None
+    kills = [f for f in applied_faults if f["kind"] == KILL and f["applied"]]
+    missing = [f["kind"] for f in applied_faults if not f["applied"]]
+    expected = options.kills + len(options.windows)
+    checks_passed = all(f.get("checks", {}).get("passed", True) for f in applied_faults)
+    passed = (
+        accounting["lost"] == 0
+        and accounting["unexpected"] == 0
+        and accounting["duplicates"] <= bound["bound"]
+        and not missing
+        and len(applied_faults) == expected
+        and checks_passed
+        and faults.error is None
+        and not errors
+        and drained_wall is not None
+    )
+    return {
+        "command": command,
+        "started_at": datetime.datetime.fromtimestamp(started_wall, datetime.UTC).isoformat(),
+        "options": asdict(options),
+        "passed": passed,
+        "accounting": accounting,
+        "duplicate_bound": bound,
+        "bound_explained": (
+            "Bound on duplicate executions: for each kill, the tasks a worker received or had "
+            "acknowledged within flush_interval + 2 x the longest flush seen before the kill "
+            "(the longest a change stays only in memory), plus those it held unacknowledged "
+            "when the broker died; summed over the kills. Every duplicated task should be one "
+            "of them: those that are not are listed as unexplained."
+        ),
+        "kills_applied": len(kills),
+        "aimed_kills_in_flush": sum(
+            1 for f in kills if f["details"].get("flush_outstanding_when_killed")
+        ),
+        "faults_planned": expected,
+        "faults_recorded": len(applied_faults),
+        "faults_not_applied": missing,
+        "fault_error": faults.error,
+        "schedule_stopped_after": planned,
+        "errors": errors,
+        "disk": {"tmpfs": disk.mounted, "size_mb": disk.size_mb, "reason": disk.reason},
+        "seconds": round(stopped_wall - started_wall, 2),
+        "drain_after_last_fault_s": None
+        if drained_wall is None
+        else round(drained_wall - last_fault_end, 2),
+        "baseline": baseline,
+        "faults": applied_faults,
+        "worker_errors_by_code": dict(report.errors),
+        "timeline": {"bin_s": 1.0, "tasks_per_s": rate_series(times, started_wall)},
+        "final_broker_sample": final,
+        "machine": machine(),
+    }
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    accounting, bound = result["accounting"], result["duplicate_bound"]
+    baseline = result["baseline"]
+    lines = [
+        f"chaos: {'PASS' if result['passed'] else 'FAIL'}: {accounting['produced']:,} produced "
+        f"({accounting['retried']:,} answered RETRY once), {accounting['lost']} lost, "
+        f"{accounting['duplicates']} duplicate executions (bound {bound['bound']:,}, "
+        f"{len(bound['unexplained_duplicated_ids'])} unexplained), "
+        f"{accounting['unexpected']} unexpected",
+        f"  {result['kills_applied']} kills ({result['aimed_kills_in_flush']} inside a flush), "
+        f"{result['faults_recorded']}/{result['faults_planned']} faults recorded, not applied: "
+        f"{result['faults_not_applied'] or 'none'}; drain after the last fault "
+        f"{result['drain_after_last_fault_s']} s; run {result['seconds']} s",
+        f"  baseline {baseline['tasks_per_s']:,} tasks/s, p99 {baseline['p99_ms']} ms",
+    ]
+    for fault in result["faults"]:
+        if fault["kind"] == KILL:
+            continue
+        effect = fault["effect"]
+        lines.append(
+            f"  {fault['kind']}: {effect['tasks_per_s']} tasks/s, p99 {effect['p99_ms']} ms; "
+            f"{fault.get('checks', fault['note'])}"
+        )
+    kills = [f["effect"] for f in result["faults"] if f["kind"] == KILL and f["applied"]]
+    if kills:
+        restart = [
+            f["details"]["restart_s"]
+            for f in result["faults"]
+            if f["kind"] == KILL and f["applied"]
+        ]
+        lines.append(f"  kills: restart {min(restart)}-{max(restart)} s")
+    if result["fault_error"] or result["errors"]:
+        lines.append(f"  errors: {result['fault_error']} {result['errors']}")
+    return lines
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = ChaosOptions()
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest chaos",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--json", type=Path, help="write the result to this file")
+    parser.add_argument(
+        "--html", type=Path, help="the page (default loadtest/results/<date>/chaos.html)"
+    )
+    for name, value in asdict(defaults).items():
+        if name == "max_seconds":
+            parser.add_argument("--max-seconds", type=float, help="time limit (default: derived)")
+            continue
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    return parser
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM takes the path Ctrl-C takes, so the `finally` blocks clean up."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    values = {name: getattr(args, name) for name in asdict(ChaosOptions())}
+    options = ChaosOptions(**values)
+    if options.tasks < 1 or options.rate <= 0 or options.workers < 1 or options.processes < 1:
+        parser.error("--tasks, --rate, --workers and --processes must be positive")
+    try:
+        plan(
+            production_s=options.production_s,
+            kills=options.kills,
+            aimed_kills=options.aimed_kills,
+            windows=options.windows,
+            gap_s=options.gap_s,
+            seed=options.seed,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    _stop_on_sigterm()
+    result = run(options, command=" ".join(["python -m loadtest chaos", *(argv or sys.argv[1:])]))
+    print(
+        json.dumps({k: v for k, v in result.items() if k not in ("timeline", "faults")}, indent=2)
+    )
+    for line in summary_lines(result):
+        print(line)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"JSON: {args.json}")
+    html_path = (
+        args.html
+        or Path(__file__).parent / "results" / datetime.date.today().isoformat() / "chaos.html"
+    )
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    html_path.write_text(render_html(result))
+    print(f"HTML: {html_path}")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
