@@ -20,6 +20,7 @@ from prometheus_client.registry import DuplicateTimeseries
 from actors.errors import MailboxFull
 from actors.messages import Claim, Flush, Ingest, StoreSizesQuery, TickResult, WorkBatch
 from actors.metrics import (
+    MAILBOX_BUCKETS,
     TRANSITION_KINDS,
     ActorSnapshots,
     BrokerCollector,
@@ -92,23 +93,45 @@ def hold(ref: pykka.ActorRef[Any]) -> threading.Event:
 # --- observers ----------------------------------------------------------------------------------
 
 
-def test_mailbox_metrics_time_in_mailbox_and_handling_by_actor_and_message_type(
+def test_mailbox_metrics_histograms_by_actor_and_counters_by_message_type(
     registry: CollectorRegistry,
 ) -> None:
     observer = MailboxMetrics(registry)
     observer.dequeued("state", "Claim", 0.002, depth=3)
-    observer.dequeued("state", "Claim", 0.004, depth=2)
+    observer.dequeued("state", "Ingest", 0.004, depth=2)
     observer.handled("state", "Claim", 0.0001)
+    observer.handled("state", "Claim", 0.0003)
     observer.handled("writer", "Flush", 0.3)
 
     wait = "taskbroker_mailbox_wait_seconds"
-    assert value(registry, f"{wait}_count", actor="state", message="Claim") == 2
-    assert value(registry, f"{wait}_sum", actor="state", message="Claim") == pytest.approx(0.006)
+    assert value(registry, f"{wait}_count", actor="state") == 2
+    assert value(registry, f"{wait}_sum", actor="state") == pytest.approx(0.006)
+    assert value(registry, f"{wait}_bucket", actor="state", le="0.001") == 0
+    assert value(registry, f"{wait}_bucket", actor="state", le="0.0025") == 1
+    assert value(registry, f"{wait}_bucket", actor="state", le="0.01") == 2
+    assert value(registry, f"{wait}_bucket", actor="state", le="+Inf") == 2
     handling = "taskbroker_mailbox_handling_seconds"
-    assert value(registry, f"{handling}_count", actor="state", message="Claim") == 1
-    assert value(registry, f"{handling}_count", actor="writer", message="Flush") == 1
-    assert value(registry, f"{handling}_bucket", actor="writer", message="Flush", le="0.25") == 0
-    assert value(registry, f"{handling}_bucket", actor="writer", message="Flush", le="0.5") == 1
+    assert value(registry, f"{handling}_count", actor="state") == 2
+    assert value(registry, f"{handling}_bucket", actor="writer", le="0.25") == 0
+    assert value(registry, f"{handling}_bucket", actor="writer", le="1.0") == 1
+    handled = "taskbroker_mailbox_messages_handled_total"
+    assert value(registry, handled, actor="state", message="Claim") == 2
+    assert value(registry, handled, actor="writer", message="Flush") == 1
+    busy = "taskbroker_mailbox_message_handling_seconds_total"
+    assert value(registry, busy, actor="state", message="Claim") == pytest.approx(0.0004)
+    # The message type labels only the counters.
+    assert value(registry, f"{wait}_count", actor="state", message="Claim") is None
+    assert observer.waits()["state"][5] == 1  # 0.002 s: the bucket up to 0.0025 s
+
+
+def test_mailbox_metrics_buckets_hold_the_bound_itself(registry: CollectorRegistry) -> None:
+    observer = MailboxMetrics(registry)
+    for bound in MAILBOX_BUCKETS:
+        observer.dequeued("a", "M", bound, depth=0)
+    observer.dequeued("a", "M", MAILBOX_BUCKETS[-1] * 2, depth=0)
+    assert observer.waits()["a"] == [1] * (len(MAILBOX_BUCKETS) + 1)
+    exposition = generate_latest(registry).decode()
+    assert "_created" not in exposition
 
 
 def test_mailbox_metrics_on_a_real_actor(
@@ -119,9 +142,10 @@ def test_mailbox_metrics_on_a_real_actor(
     for _ in range(3):
         assert ref.ask(Ping(), timeout=TIMEOUT_S) == "pong"
 
-    labels = {"actor": "holder", "message": "Ping"}
-    assert value(registry, "taskbroker_mailbox_wait_seconds_count", **labels) == 3
-    assert value(registry, "taskbroker_mailbox_handling_seconds_count", **labels) == 3
+    assert value(registry, "taskbroker_mailbox_wait_seconds_count", actor="holder") == 3
+    assert value(registry, "taskbroker_mailbox_handling_seconds_count", actor="holder") == 3
+    handled = "taskbroker_mailbox_messages_handled_total"
+    assert value(registry, handled, actor="holder", message="Ping") == 3
 
 
 def test_frontend_metrics_requests_and_latency_by_method_and_code(
