@@ -13,6 +13,7 @@ from typing import Protocol
 
 from actors.records import ActivationId, KafkaOffset, Partition, Record, RecordRow, Status
 from actors.runtime import Essential
+from actors.runtime_rules import RuntimeRules
 
 
 class Recipient(Protocol):
@@ -139,6 +140,7 @@ class Tick:
 class ProduceKind(Enum):
     RETRY = "retry"
     DEADLETTER = "deadletter"
+    DEMOTE = "demote"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +149,8 @@ class ProduceOrder:
 
     For RETRY, the producer builds the new activation from `activation` with `attempts`
     + 1, `max_attempts` and `delay_on_retry_s` (already rewritten by the worker's request).
-    For DEADLETTER, `activation` is sent as it is.
+    For DEADLETTER and DEMOTE, `activation` is sent as it is; DEMOTE goes to `topic` (the
+    rules' demoted topic, which may change while the broker runs).
     """
 
     id: ActivationId
@@ -155,6 +158,7 @@ class ProduceOrder:
     activation: bytes
     max_attempts: int
     delay_on_retry_s: int | None
+    topic: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +177,14 @@ class Produced(Essential):
     """Kafka acknowledged these retries and dead letters: their records are finished."""
 
     ids: tuple[ActivationId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyRules(Essential):
+    """The runtime rules changed (the file, a control action, SIGHUP): put them in force for
+    what is held and what comes. Essential: a lost one would leave a killswitch unapplied."""
+
+    rules: RuntimeRules
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +240,11 @@ class StateStats:
     oldest_pending_added_at: float | None
     claims: dict[str, int]  # "hit" / "miss"
     conclusions: dict[str, int]  # by ConcludeOutcome value
+    killed: dict[str, int] = field(default_factory=dict)
+    """Dropped by the killswitch since start, by entry label."""
+    demoted_forwarded: int = 0
+    held_pending: int = 0
+    """Pending activations a paused namespace or application holds back."""
 
 
 # --- To the SQLite writer ------------------------------------------------------------

@@ -10,12 +10,17 @@ Entries are never removed from the middle of a heap. An entry holds its record o
 a record is pending under at most one entry at a time (it leaves pending either by being
 popped or for good), so an entry whose record is no longer PENDING is dead and is skipped
 when it reaches the top. A re-ingested id is a new record object: old entries stay dead.
+
+A held group (a paused namespace or application) keeps its heap but leaves every scope's
+head heap: a claim never sees it, so holding any number of groups costs a claim nothing.
+Its head goes back into the scopes when it is released.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from typing import TypeAlias
 
 from actors.records import Record, Status
@@ -53,10 +58,29 @@ class PendingQueue:
         self._groups: dict[Group, list[Entry]] = {}
         self._heads: dict[Scope, list[_HeadEntry]] = {}
         self._scope_groups: dict[Scope, set[Group]] = {}
+        self._held: set[Group] = set()
+        self._is_held: Callable[[Group], bool] | None = None
 
     def __repr__(self) -> str:
         entries = sum(len(heap) for heap in self._groups.values())
-        return f"PendingQueue(groups={len(self._groups)}, entries={entries})"
+        return (
+            f"PendingQueue(groups={len(self._groups)}, held={len(self._held)}, entries={entries})"
+        )
+
+    def hold(self, is_held: Callable[[Group], bool] | None) -> None:
+        """Hold every group, present or future, for which `is_held` is true, and release
+        the others; None releases every group. O(groups): rules change rarely."""
+        self._is_held = is_held
+        held = set() if is_held is None else {g for g in self._groups if is_held(g)}
+        released, self._held = self._held - held, held
+        for group in released:
+            top = self._live_top(group)
+            if top is not None:
+                for scope in _scopes_of(group):
+                    self._push_head(scope, top, group)
+
+    def is_held(self, group: Group) -> bool:
+        return group in self._held
 
     def push(self, record: Record) -> None:
         order = (int(record.added_at * 1_000_000) << _SEQUENCE_BITS) | next(self._sequence)
@@ -71,9 +95,11 @@ class PendingQueue:
             heap = self._groups[group] = []
             for scope in _scopes_of(group):
                 self._scope_groups.setdefault(scope, set()).add(group)
+            if self._is_held is not None and self._is_held(group):
+                self._held.add(group)
         is_new_head = not heap or entry < heap[0]
         heapq.heappush(heap, entry)
-        if is_new_head:
+        if is_new_head and group not in self._held:
             for scope in _scopes_of(group):
                 self._push_head(scope, entry, group)
 
@@ -81,6 +107,8 @@ class PendingQueue:
         """Remove and return the oldest live entry within the filter, or None."""
         if application is not None and namespace is not None:
             group = (application, namespace)
+            if group in self._held:
+                return None
             top = self._live_top(group)
             if top is None:
                 return None
@@ -120,11 +148,16 @@ class PendingQueue:
         """The scope's oldest live entry, with the head heap's top left pointing at it.
 
         Each head entry is at most as old as its group's real head, so the first head entry
-        that still equals its group's live top is the oldest in the scope.
+        that still equals its group's live top is the oldest in the scope. A held group's
+        head entries are dropped as they surface, each once: its heap is never looked at.
         """
         scope_heads = self._heads.get(scope)
+        held = self._held
         while scope_heads:
             head, group = scope_heads[0]
+            if group in held:
+                heapq.heappop(scope_heads)
+                continue
             top = self._live_top(group)
             if top is None:
                 heapq.heappop(scope_heads)
@@ -139,5 +172,8 @@ class PendingQueue:
         heapq.heappush(scope_heads, (entry, group))
         groups = self._scope_groups[scope]
         if len(scope_heads) > 2 * len(groups) + _HEAD_HEAP_SLACK:
-            scope_heads[:] = [(self._groups[g][0], g) for g in groups if self._groups[g]]
+            held = self._held
+            scope_heads[:] = [
+                (self._groups[g][0], g) for g in groups if self._groups[g] and g not in held
+            ]
             heapq.heapify(scope_heads)

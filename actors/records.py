@@ -24,8 +24,9 @@ class Status(IntEnum):
     """Where a record is in its life.
 
     Values 1-5 equal the wire enum `TaskActivationStatus`; `DELAY` (a task that is not yet
-    due) and `CLAIMED` (taken for a push that the worker has not yet acknowledged) are the
-    broker's own, never sent to a worker.
+    due), `CLAIMED` (taken for a push that the worker has not yet acknowledged) and
+    `DEMOTED` (in a demoted namespace, waiting for Kafka to acknowledge its forward to the
+    demoted topic) are the broker's own, never sent to a worker.
     """
 
     PENDING = 1
@@ -35,6 +36,7 @@ class Status(IntEnum):
     COMPLETE = 5
     DELAY = 6
     CLAIMED = 7
+    DEMOTED = 8
 
 
 class OnAttemptsExceeded(IntEnum):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from actors.messages import (
+    ApplyRules,
     Claim,
     ClaimedForPush,
     ClaimForPush,
@@ -38,6 +39,7 @@ from actors.messages import (
 )
 from actors.records import ActivationId, Record
 from actors.runtime import BrokerActor, MailboxConfig, MailboxObserver, Ticker, tell_if_alive
+from actors.runtime_rules import RuntimeRules
 from actors.statemachine import Limits, StateMachine, first_claim_latency_s
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,24 @@ class _SilentClaimObserver:
         pass
 
 
+class RuleObserver(Protocol):
+    """Receives what the runtime rules did, on the state actor's thread."""
+
+    def killed(self, label: str, count: int) -> None:
+        """`count` more activations were dropped by the killswitch entry `label`."""
+
+    def demoted(self, count: int) -> None:
+        """`count` more activations were forwarded to the demoted topic."""
+
+
+class _SilentRuleObserver:
+    def killed(self, label: str, count: int) -> None:
+        pass
+
+    def demoted(self, count: int) -> None:
+        pass
+
+
 class StateActor(BrokerActor):
     def __init__(
         self,
@@ -79,12 +99,17 @@ class StateActor(BrokerActor):
         *,
         observer: MailboxObserver | None = None,
         claim_observer: ClaimObserver | None = None,
+        rules: RuntimeRules | None = None,
+        rule_observer: RuleObserver | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__("state", mailbox, observer)
         self._config = config
-        self._machine = StateMachine(config.limits)
+        self._machine = StateMachine(config.limits, rules)
         self._claim_observer: ClaimObserver = claim_observer or _SilentClaimObserver()
+        self._rule_observer: RuleObserver = rule_observer or _SilentRuleObserver()
+        self._killed_reported: Counter[str] = Counter()
+        self._demoted_reported = 0
         self._clock = clock
         self._writer: Recipient | None = None
         self._consumer: Recipient | None = None
@@ -106,7 +131,7 @@ class StateActor(BrokerActor):
         if self._flush_timer is not None:
             self._flush_timer.stop()
 
-    def handle(self, message: object) -> object:  # noqa: PLR0911, PLR0912 - one branch per message
+    def handle(self, message: object) -> object:  # noqa: PLR0911, PLR0912, PLR0915 - one branch per message
         machine = self._machine
         match message:
             case WorkBatch(requests):
@@ -133,14 +158,18 @@ class StateActor(BrokerActor):
                 self._settle(message)
                 self._after_change()
             case Ingest(records, offsets):
-                machine.ingest(records, offsets, self._clock())
+                if machine.ingest(records, offsets, self._clock()).killed:
+                    self._report_rules()
                 self._after_change()
+            case ApplyRules(rules):
+                self._apply_rules(rules)
             case Tick(now, deadline_resets):
                 ticked: TickResult = machine.tick(now, deadline_resets=deadline_resets)
                 self._after_change()
                 return ticked
             case Produced(ids):
-                machine.produced(ids)
+                if machine.produced(ids):
+                    self._report_rules()
                 self._after_change()
             case FlushDue():
                 self._send_flush()
@@ -155,6 +184,7 @@ class StateActor(BrokerActor):
             case Restore(records):
                 machine.restore(records)
                 logger.info("restored %d activations", len(machine))
+                self._report_rules()
                 self._after_change()
             case Connect(writer, consumer):
                 self._writer = writer if writer is not None else self._writer
@@ -214,6 +244,33 @@ class StateActor(BrokerActor):
         next_task = None if conclude.fetch_next is None else self._claim(conclude.fetch_next)
         return ConcludeResult(outcome, next_task)
 
+    def _apply_rules(self, rules: RuntimeRules) -> None:
+        changed = self._machine.apply_rules(rules, self._clock())
+        logger.info("runtime rules in force; %d held activations changed by them", changed)
+        self._report_rules()
+        self._after_change()
+
+    def _report_rules(self) -> None:
+        """Count what the rules did since last time, and log each killswitch entry's first
+        drop (once per entry: an incident's flood must not flood the log too)."""
+        machine = self._machine
+        for label, total in machine.killed.items():
+            seen = self._killed_reported[label]
+            if total == seen:
+                continue
+            if not seen:
+                logger.warning(
+                    "killswitch %s dropped its first activation; "
+                    "further drops are counted, not logged",
+                    label,
+                )
+            self._rule_observer.killed(label, total - seen)
+            self._killed_reported[label] = total
+        forwarded = machine.demoted_forwarded
+        if forwarded != self._demoted_reported:
+            self._rule_observer.demoted(forwarded - self._demoted_reported)
+            self._demoted_reported = forwarded
+
     def _after_change(self) -> None:
         if self._machine.dirty_count >= self._config.flush_max_dirty:
             self._send_flush()
@@ -242,4 +299,7 @@ class StateActor(BrokerActor):
             oldest_pending_added_at=machine.oldest_pending_added_at(),
             claims=dict(self._claims),
             conclusions=dict(self._conclusions),
+            killed=dict(machine.killed),
+            demoted_forwarded=machine.demoted_forwarded,
+            held_pending=machine.held_pending_count,
         )

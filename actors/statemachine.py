@@ -3,11 +3,17 @@
 The state actor is a thin shell around `StateMachine`; each method takes `now` so that
 tests drive the clock. Heaps are indexes that may hold dead entries: an entry is trusted
 only after checking it against the record it names, so no transition ever searches a heap.
+
+Runtime rules (`actors.runtime_rules`) are data here: at ingest a killswitch match is
+dropped, a demoted namespace's activation becomes DEMOTED (forwarded by upkeep, like a
+dead letter), and a paused group's activation is pending but held by the queue;
+`apply_rules` does the same to what is already held.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,13 +35,19 @@ from actors.records import (
     Record,
     Status,
 )
+from actors.runtime_rules import RuntimeRules
 
 # Enum members hash in Python code (Enum.__hash__), several times slower than ints: on
 # the claim and result paths statuses are matched in tuples (identity first, no hashing)
 # and counted in lists indexed by value.
 _CONCLUSIONS = (Status.COMPLETE, Status.RETRY, Status.FAILURE)
 _CONCLUDABLE = (Status.PROCESSING, Status.PENDING, Status.CLAIMED)
-_AWAITING_PRODUCE = (Status.RETRY, Status.FAILURE)
+_AWAITING_PRODUCE = (Status.RETRY, Status.FAILURE, Status.DEMOTED)
+_WAITING = (Status.PENDING, Status.DELAY)
+"""What a killswitch removes and a demotion forwards: work no worker holds yet."""
+MAX_DEMOTE_ORDERS = 10_000
+"""Forwards listed per tick: demoting a big namespace must not make one tick produce (and
+build the messages of) every task it holds at once."""
 _STATUS_SLOTS = max(Status) + 1
 _COUNTED = tuple(s for s in Status if s is not Status.COMPLETE)
 
@@ -97,6 +109,8 @@ def first_claim_latency_s(record: Record, now: float) -> float | None:
 class IngestResult:
     accepted: int
     duplicates: int
+    killed: int = 0
+    """Dropped by the killswitch (counted in `accepted` too: the offsets advance)."""
 
 
 @dataclass(slots=True)
@@ -131,8 +145,17 @@ class _Changes:
 class StateMachine:
     """Owns every in-flight record, its indexes, and what must reach SQLite next."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, rules: RuntimeRules | None = None) -> None:
         self.limits = limits or Limits()
+        self._rules = rules or RuntimeRules()
+        self._pausing = False
+        self._held_pending = 0
+        """PENDING records of paused groups: they do not count against max_pending_count,
+        or pausing one namespace would stop ingest for every other."""
+        self._demoted: set[ActivationId] = set()
+        self.killed: Counter[str] = Counter()
+        """Activations dropped by the killswitch, by entry label, since start."""
+        self.demoted_forwarded = 0
         self._records: dict[ActivationId, Record] = {}
         self._pending = PendingQueue()
         self._deadlines: list[tuple[float, ActivationId]] = []
@@ -151,6 +174,7 @@ class StateMachine:
         self._in_store: set[ActivationId] = set()
         self._in_flight: _InFlightFlush | None = None
         self._flush_seq = 0
+        self._hold_paused_groups()
 
     def __repr__(self) -> str:
         counts = ", ".join(
@@ -187,10 +211,21 @@ class StateMachine:
         return {partition: n for partition, n in self._by_partition.items() if n}
 
     @property
+    def rules(self) -> RuntimeRules:
+        return self._rules
+
+    @property
+    def held_pending_count(self) -> int:
+        """PENDING records that a paused namespace or application holds back."""
+        return self._held_pending
+
+    @property
     def ingest_should_pause(self) -> bool:
         limits = self.limits
+        by_status = self._by_status
         return (
-            self._by_status[Status.PENDING] >= limits.max_pending_count
+            by_status[Status.PENDING] - self._held_pending + by_status[Status.DEMOTED]
+            >= limits.max_pending_count
             or self._by_status[Status.PROCESSING] + self._by_status[Status.CLAIMED]
             >= limits.max_processing_count
             or self._by_status[Status.DELAY] >= limits.max_delay_count
@@ -218,19 +253,50 @@ class StateMachine:
     def ingest(
         self, records: tuple[Record, ...], offsets: tuple[KafkaOffset, ...], now: float
     ) -> IngestResult:
-        """Take ownership of newly consumed records; an id already in flight is a duplicate."""
-        accepted = 0
+        """Take ownership of newly consumed records; an id already in flight is a duplicate.
+
+        A killswitch match is dropped here; its offset still advances with the batch's."""
+        accepted = killed = 0
+        rules = self._rules
+        screening = bool(rules.drop_task_killswitch or rules.demoted_namespaces)
         for record in records:
             if record.id in self._records:
                 continue
             accepted += 1
             admit(record, now, self.limits)
+            if screening:
+                entry = rules.killswitch_entry(record.taskname, record.activation)
+                if entry is not None:
+                    self.killed[entry.label()] += 1
+                    killed += 1
+                    continue
+                if record.namespace in rules.demoted_namespaces:
+                    record.status = Status.DEMOTED
             self._add(record)
             self._changes.dirty.add(record.id)
             self._changes.deletes.discard(record.id)
             self._changes.blobs.add(record.id)
         self._changes.merge_offsets({o.partition: o.offset for o in offsets})
-        return IngestResult(accepted=accepted, duplicates=len(records) - accepted)
+        return IngestResult(accepted=accepted, duplicates=len(records) - accepted, killed=killed)
+
+    def apply_rules(self, rules: RuntimeRules, now: float) -> int:
+        """Put `rules` in force for what is held and what comes: killswitch matches that
+        no worker holds yet are dropped (their rows deleted by the next flush), waiting
+        records of demoted namespaces become DEMOTED, DEMOTED ones whose namespace is no
+        longer demoted wait again, and paused groups are held. Returns how many records
+        changed. O(records): rules change rarely."""
+        self._rules = rules
+        self._hold_paused_groups()
+        if not (rules.drop_task_killswitch or rules.demoted_namespaces or self._demoted):
+            return 0
+        changed = 0
+        for record in list(self._records.values()):
+            status = record.status
+            if status in _WAITING:
+                changed += self._screened_out(record)
+            elif status is Status.DEMOTED:
+                changed += self._demoted_again(record, now)
+        return changed
 
     def claim(
         self, now: float, application: str | None = None, namespace: str | None = None
@@ -347,14 +413,24 @@ class StateMachine:
     def produce_orders(self) -> tuple[ProduceOrder, ...]:
         orders = [self._order(self._records[i], ProduceKind.RETRY) for i in self._retry]
         orders += [self._order(self._records[i], ProduceKind.DEADLETTER) for i in self._deadletter]
+        if self._demoted:
+            topic, records = self._rules.demoted_topic, self._records
+            orders += [
+                self._order(records[i], ProduceKind.DEMOTE, topic)
+                for i in itertools.islice(self._demoted, MAX_DEMOTE_ORDERS)
+            ]
         return tuple(orders)
 
     def produced(self, ids: tuple[ActivationId, ...]) -> int:
-        """Kafka acknowledged these retries and dead letters; returns how many finished."""
+        """Kafka acknowledged these retries, dead letters and demoted forwards; returns how
+        many finished. A forward acknowledged after its namespace was no longer demoted
+        finds the record waiting again and leaves it: a duplicate, not a loss."""
         finished = 0
         for activation_id in ids:
             record = self._records.get(activation_id)
             if record is not None and record.status in _AWAITING_PRODUCE:
+                if record.status is Status.DEMOTED:
+                    self.demoted_forwarded += 1
                 self._finish(record)
                 finished += 1
         return finished
@@ -372,6 +448,9 @@ class StateMachine:
             self._add(record)
             if record.status is Status.PROCESSING and record.processing_deadline is not None:
                 heapq.heappush(self._deadlines, (record.processing_deadline, record.id))
+        # The rules may have changed while the broker was down. A forward given up goes to
+        # DELAY if it has a delay at all: the first tick promotes what is already due.
+        self.apply_rules(self._rules, now=0.0)
 
     # --- flushing -------------------------------------------------------------------------
 
@@ -434,6 +513,8 @@ class StateMachine:
             counts = self._by_group[group] = [0] * _STATUS_SLOTS
         counts[status] += 1
         if status is Status.PENDING:
+            if self._pausing and self._rules.is_paused(*group):
+                self._held_pending += 1
             self._enter_pending(record)
         elif status is Status.DELAY and record.delay_until is not None:
             heapq.heappush(self._delays, (record.delay_until, record.id))
@@ -441,6 +522,60 @@ class StateMachine:
             self._retry.add(record.id)
         elif status is Status.FAILURE:
             self._deadletter.add(record.id)
+        elif status is Status.DEMOTED:
+            self._demoted.add(record.id)
+
+    def _demoted_again(self, record: Record, now: float) -> bool:
+        """Rules changed for a record waiting to be forwarded: the killswitch drops it, a
+        namespace no longer demoted makes it wait as it did. True when it changed."""
+        rules = self._rules
+        entry = rules.killswitch_entry(record.taskname, record.activation)
+        if entry is not None:
+            self.killed[entry.label()] += 1
+            self._finish(record)
+            return True
+        if record.namespace in rules.demoted_namespaces:
+            return False
+        self._demoted.discard(record.id)
+        if record.delay_until is not None and record.delay_until > now:
+            self._set_status(record, Status.DELAY)
+            heapq.heappush(self._delays, (record.delay_until, record.id))
+        else:
+            self._set_status(record, Status.PENDING)
+            self._enter_pending(record)
+        return True
+
+    def _screened_out(self, record: Record) -> bool:
+        """Meet the rules as a newly ingested record would, for one about to wait again
+        (or waiting when the rules changed): True when the killswitch dropped it or it
+        was demoted."""
+        rules = self._rules
+        if not (rules.drop_task_killswitch or rules.demoted_namespaces):
+            return False
+        entry = rules.killswitch_entry(record.taskname, record.activation)
+        if entry is not None:
+            self.killed[entry.label()] += 1
+            self._finish(record)
+            self._pending.prune((record.application, record.namespace))
+            return True
+        if record.namespace in rules.demoted_namespaces:
+            self._demoted.add(record.id)
+            self._set_status(record, Status.DEMOTED)
+            return True
+        return False
+
+    def _hold_paused_groups(self) -> None:
+        rules = self._rules
+        self._pausing = bool(rules.paused_namespaces or rules.paused_applications)
+        if not self._pausing:
+            self._pending.hold(None)
+            self._held_pending = 0
+            return
+        is_paused = rules.is_paused
+        self._pending.hold(lambda group: is_paused(*group))
+        self._held_pending = sum(
+            counts[Status.PENDING] for group, counts in self._by_group.items() if is_paused(*group)
+        )
 
     def _start_processing(self, record: Record, now: float) -> None:
         self._claimed_entries.pop(record.id, None)
@@ -452,8 +587,10 @@ class StateMachine:
 
     def _unclaim(self, record: Record) -> None:
         record.processing_deadline = None
-        self._set_status(record, Status.PENDING)
         entry = self._claimed_entries.pop(record.id, None)
+        if self._screened_out(record):
+            return
+        self._set_status(record, Status.PENDING)
         if entry is None:
             self._enter_pending(record)
             return
@@ -479,6 +616,12 @@ class StateMachine:
         by_status = self._by_status
         by_status[old] -= 1
         by_status[status] += 1
+        if (
+            self._pausing
+            and (old is Status.PENDING) != (status is Status.PENDING)
+            and self._rules.is_paused(record.application, record.namespace)
+        ):
+            self._held_pending += 1 if status is Status.PENDING else -1
         counts = self._by_group[(record.application, record.namespace)]
         counts[old] -= 1
         counts[status] += 1
@@ -502,6 +645,13 @@ class StateMachine:
         self._by_partition[record.partition] -= 1
         self._retry.discard(activation_id)
         self._deadletter.discard(activation_id)
+        self._demoted.discard(activation_id)
+        if (
+            self._pausing
+            and record.status is Status.PENDING
+            and self._rules.is_paused(record.application, record.namespace)
+        ):
+            self._held_pending -= 1
         changes = self._changes
         changes.dirty.discard(activation_id)
         changes.blobs.discard(activation_id)
@@ -535,7 +685,7 @@ class StateMachine:
             if record.at_most_once or exhausted:
                 self._fail(record)
                 failed += 1
-            else:
+            elif not self._screened_out(record):
                 self._set_status(record, Status.PENDING)
                 self._enter_pending(record)
                 resets += 1
@@ -555,11 +705,12 @@ class StateMachine:
                 yield record
 
     @staticmethod
-    def _order(record: Record, kind: ProduceKind) -> ProduceOrder:
+    def _order(record: Record, kind: ProduceKind, topic: str = "") -> ProduceOrder:
         return ProduceOrder(
             id=record.id,
             kind=kind,
             activation=record.activation,
             max_attempts=record.max_attempts,
             delay_on_retry_s=record.delay_on_retry_s,
+            topic=topic,
         )

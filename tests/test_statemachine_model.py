@@ -1,5 +1,6 @@
-"""Random sequences of ingests, claims, results, ticks and flush outcomes, checked after
-every step against rules that a correct broker cannot break."""
+"""Random sequences of ingests, claims, results, ticks, flush outcomes and runtime rule
+changes (killswitch, demoted and paused groups), checked after every step against rules
+that a correct broker cannot break."""
 
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ from actors.records import (
     RecordRow,
     Status,
 )
+from actors.runtime_rules import RuntimeRules, killswitch_entry
 from actors.statemachine import Limits, StateMachine
 from tests.factories import make_record
 
 APPLICATIONS = ("a1", "a2")
 NAMESPACES = ("n1", "n2", "n3")
+TASKNAMES = ("t1", "t2")
 filters = st.tuples(st.sampled_from((None, *APPLICATIONS)), st.sampled_from((None, *NAMESPACES)))
 
 
@@ -45,6 +48,7 @@ class StateMachineModel(RuleBasedStateMachine):
         self.store_blobs: dict[ActivationId, bytes] = {}
         self.outstanding: Flush | None = None
         self.live_before: set[ActivationId] = set()
+        self.runtime_rules = RuntimeRules()
 
     def live_ids(self) -> set[ActivationId]:
         return {record.id for record in self.machine}
@@ -65,7 +69,18 @@ class StateMachineModel(RuleBasedStateMachine):
             and (r.expires_at is None or r.expires_at > self.now)
             and application in (None, r.application)
             and namespace in (None, r.namespace)
+            and not self.runtime_rules.is_paused(r.application, r.namespace)
         ]
+
+    def waiting_status(self, record: Record) -> Status:
+        """The status of a record that a worker gave back (a failed push, an ended lease)
+        and the killswitch left alone."""
+        if record.namespace in self.runtime_rules.demoted_namespaces:
+            return Status.DEMOTED
+        return Status.PENDING
+
+    def killed(self, record: Record) -> bool:
+        return self.runtime_rules.killswitch_entry(record.taskname, record.activation) is not None
 
     # --- operations --------------------------------------------------------------------------
 
@@ -78,6 +93,7 @@ class StateMachineModel(RuleBasedStateMachine):
         at_most_once=st.booleans(),
         deadletter=st.booleans(),
         reuse_id=st.booleans(),
+        taskname=st.sampled_from(TASKNAMES),
     )
     def ingest(
         self,
@@ -89,6 +105,7 @@ class StateMachineModel(RuleBasedStateMachine):
         at_most_once: bool,
         deadletter: bool,
         reuse_id: bool,
+        taskname: str,
     ) -> None:
         records = []
         for _ in range(count):
@@ -101,6 +118,7 @@ class StateMachineModel(RuleBasedStateMachine):
                     name,
                     application=application,
                     namespace=namespace,
+                    taskname=taskname,
                     received_at=self.now,
                     offset=Offset(offset),
                     delay_until=None if delay_s is None else self.now + delay_s,
@@ -113,13 +131,56 @@ class StateMachineModel(RuleBasedStateMachine):
                 )
             )
         before = self.live_ids()
+        held_before = set(before)
         offsets = (KafkaOffset(Partition(0), Offset(self.next_offset - 1)),)
         self.machine.ingest(tuple(records), offsets, self.now)
+        live = self.live_ids()
         for record in records:
             if record.id in before:
-                continue
+                continue  # a duplicate, of a record held before or of one in this batch
+            before.add(record.id)
             self.ever_ingested.add(record.id)
-        assert before <= self.live_ids(), "ingest removed a record"
+            assert (record.id not in live) == self.killed(record), "killswitch at ingest"
+            if record.id in live and namespace in self.runtime_rules.demoted_namespaces:
+                assert record.status is Status.DEMOTED
+        assert held_before <= live, "ingest removed a record"
+
+    @rule(
+        paused_namespaces=st.frozensets(st.sampled_from(NAMESPACES), max_size=2),
+        paused_applications=st.frozensets(st.sampled_from(APPLICATIONS), max_size=1),
+        demoted=st.frozensets(st.sampled_from(NAMESPACES), max_size=1),
+        killed=st.frozensets(st.sampled_from(TASKNAMES), max_size=1),
+    )
+    def set_rules(
+        self,
+        paused_namespaces: frozenset[str],
+        paused_applications: frozenset[str],
+        demoted: frozenset[str],
+        killed: frozenset[str],
+    ) -> None:
+        # An entry with a selector never matches here: the records' bytes do not decode
+        # (fail open).
+        entries = tuple(killswitch_entry(name) for name in sorted(killed))
+        self.runtime_rules = RuntimeRules(
+            drop_task_killswitch=(*entries, killswitch_entry("t1", {0: 1})),
+            demoted_namespaces=demoted,
+            paused_namespaces=paused_namespaces,
+            paused_applications=paused_applications,
+        )
+        before = {r.id: copy.copy(r) for r in self.machine}
+        self.machine.apply_rules(self.runtime_rules, self.now)
+        waiting = (Status.PENDING, Status.DELAY)
+        for activation_id, record in before.items():
+            now_record = self.machine.get(activation_id)
+            if now_record is None:
+                assert record.status in (*waiting, Status.DEMOTED), f"removed {record!r}"
+                assert self.killed(record), f"removed {record!r}"
+                continue
+            if record.status in (*waiting, Status.DEMOTED):
+                demoted_now = record.namespace in demoted
+                assert (now_record.status is Status.DEMOTED) == demoted_now, now_record
+            else:
+                assert now_record.status is record.status, "a rule moved a worker's task"
 
     @rule(scope=filters)
     def claim(self, scope: tuple[str | None, str | None]) -> None:
@@ -171,7 +232,10 @@ class StateMachineModel(RuleBasedStateMachine):
             assert record.processing_deadline == expected
         else:
             assert self.machine.push_failed(target)
-            assert record.status is Status.PENDING
+            if self.killed(record):
+                assert self.machine.get(target) is None, "a failed push of a killed task"
+                return
+            assert record.status is self.waiting_status(record)
             assert record.processing_deadline is None
         assert record.processing_attempts == attempts, "a push outcome counted an attempt"
         assert not self.machine.push_failed(target), "a push settled twice"
@@ -204,7 +268,13 @@ class StateMachineModel(RuleBasedStateMachine):
                 and record.processing_deadline is not None
                 and record.processing_deadline <= self.now
             )
-            assert expired or overdue, f"tick removed {record!r}"
+            lease_ended_killed = (
+                record.status is Status.CLAIMED
+                and record.processing_deadline is not None
+                and record.processing_deadline <= self.now
+                and self.killed(record)
+            )
+            assert expired or overdue or lease_ended_killed, f"tick removed {record!r}"
         for record in before.values():
             lease_ended = (
                 record.status is Status.CLAIMED
@@ -213,10 +283,12 @@ class StateMachineModel(RuleBasedStateMachine):
             )
             now_record = self.machine.get(record.id)
             if lease_ended and now_record is not None:
-                assert now_record.status is Status.PENDING, "an ended lease kept its claim"
+                assert now_record.status is self.waiting_status(record), "an ended lease"
                 assert now_record.processing_attempts == record.processing_attempts
         produce_ids = {order.id for order in result.to_produce}
-        awaiting = {r.id for r in self.machine if r.status in (Status.RETRY, Status.FAILURE)}
+        awaiting = {
+            r.id for r in self.machine if r.status in (Status.RETRY, Status.FAILURE, Status.DEMOTED)
+        }
         assert produce_ids == awaiting
 
     @rule(take=st.integers(0, 10))
@@ -259,6 +331,18 @@ class StateMachineModel(RuleBasedStateMachine):
         for status, count in self.machine.counts_by_status().items():
             assert by_status[status] == count, status
         assert Status.COMPLETE not in by_status
+        held = sum(
+            r.status is Status.PENDING and self.runtime_rules.is_paused(r.application, r.namespace)
+            for r in records
+        )
+        assert self.machine.held_pending_count == held
+        for record in records:
+            if record.status in (Status.PENDING, Status.DELAY):
+                assert not self.killed(record), "a killswitch match is still waiting"
+                assert record.namespace not in self.runtime_rules.demoted_namespaces
+            if record.status is Status.DEMOTED:
+                assert record.namespace in self.runtime_rules.demoted_namespaces
+                assert not self.killed(record), "a killswitch match is still forwarded"
 
     @invariant()
     def flushed_batches_reproduce_the_state(self) -> None:
@@ -273,28 +357,20 @@ class StateMachineModel(RuleBasedStateMachine):
             stored[activation_id] = Record.from_row(row, self.store_blobs[activation_id])
         live = {r.id: r for r in self.machine}
         assert stored == live
-        replica = StateMachine(self.machine.limits)
+        replica = StateMachine(self.machine.limits, self.runtime_rules)
         replica.restore([copy.copy(r) for r in stored.values()])
-        # A restart returns claims whose pushes died with the process to pending.
-        assert replica.counts_by_status() == unclaimed(self.machine.counts_by_status())
-        assert replica.counts_by_group() == unclaimed_groups(self.machine.counts_by_group())
-
-
-def unclaimed(counts: dict[Status, int]) -> dict[Status, int]:
-    folded = dict(counts)
-    folded[Status.PENDING] += folded[Status.CLAIMED]
-    folded[Status.CLAIMED] = 0
-    return folded
-
-
-def unclaimed_groups(
-    counts: dict[tuple[str, str, Status], int],
-) -> dict[tuple[str, str, Status], int]:
-    folded: Counter[tuple[str, str, Status]] = Counter()
-    for (application, namespace, status), count in counts.items():
-        pending = Status.PENDING if status is Status.CLAIMED else status
-        folded[(application, namespace, pending)] += count
-    return dict(folded)
+        # A restart returns claims whose pushes died with the process to waiting, where
+        # the rules meet them as they would a failed push.
+        expected: Counter[tuple[str, str, Status]] = Counter()
+        for record in self.machine:
+            status = record.status
+            if status is Status.CLAIMED:
+                if self.killed(record):
+                    continue
+                demoted = record.namespace in self.runtime_rules.demoted_namespaces
+                status = Status.DEMOTED if demoted else Status.PENDING
+            expected[(record.application, record.namespace, status)] += 1
+        assert replica.counts_by_group() == +expected
 
 
 TestStateMachineModel = StateMachineModel.TestCase
