@@ -174,6 +174,7 @@ def test_counts_by_status_names_every_status(store: SqliteStore) -> None:
         Status.COMPLETE: 0,
         Status.DELAY: 1,
         Status.CLAIMED: 0,
+        Status.DEMOTED: 0,
     }
 
 
