@@ -207,6 +207,8 @@ class Upkeep(BrokerActor):
     def _outgoing(self, order: ProduceOrder, now: float) -> OutgoingMessage:
         if order.kind is ProduceKind.DEADLETTER:
             return OutgoingMessage(order.id, self._config.deadletter_topic, order.activation)
+        if order.kind is ProduceKind.DEMOTE:
+            return OutgoingMessage(order.id, order.topic, order.activation)
         new_id = uuid.uuid5(_RETRY_ID_NAMESPACE, f"{order.id}:retry").hex
         value = build_retry(
             order.activation,
