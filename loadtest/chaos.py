@@ -53,8 +53,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
 from actors.embedded_kafka import EmbeddedKafka, free_port
-from loadtest.broker import HOST, BrokerSetup, create_topics
+from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
+from loadtest.broker import HOST, BrokerSetup, create_topics, tail
 from loadtest.chaos_faults import (
     DB_LOCKED,
     DISK_FULL,
@@ -98,11 +101,17 @@ _WARM_UP_TIMEOUT_S = 90.0
 _DRAIN_ALLOWANCE_S = 240.0
 _RESTART_ALLOWANCE_S = 20.0
 _JOIN_TIMEOUT_S = 120.0
+_KAFKA_TIMEOUT_S = 10.0
+_AUDIT_TIMEOUT_S = 120.0
+_LOG_TAIL_LINES = 60
 _CHUNK_S = 2.0
 """The producer sends a chunk of tasks every this many seconds (each chunk is a new
 producer that waits for its acknowledgements: about a second)."""
 _INGESTED = "taskbroker_kafka_activations_ingested_total"
-BURST_DELAY_S = 3
+BURST_DELAY_S = 6
+"""Longer than producing a burst and its ingest take, so that it is still held back when
+the fault starts."""
+_BURST_LEAD_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,6 +449,40 @@ def _progress(total: int) -> Callable[[Any], None]:
     return show
 
 
+def copies_in_kafka(bootstrap: str, topic: str, partitions: int) -> Counter[str]:
+    """How many times each activation id is in `topic`, read from the start to the end
+    each partition has now."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"chaos-audit-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+        }
+    )
+    counts: Counter[str] = Counter()
+    try:
+        ends: dict[int, int] = {}
+        for number in range(partitions):
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, number), timeout=_KAFKA_TIMEOUT_S
+            )
+            if high > low:
+                ends[number] = high
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        deadline = time.monotonic() + _AUDIT_TIMEOUT_S
+        while ends and time.monotonic() < deadline:
+            for message in consumer.consume(1000, 1.0):
+                partition, offset, value = message.partition(), message.offset(), message.value()
+                if partition is None or offset is None or value is None or message.error():
+                    continue
+                counts[pb.TaskActivation.FromString(value).id] += 1
+                if offset + 1 >= ends.get(partition, 0):
+                    ends.pop(partition, None)
+    finally:
+        consumer.close()
+    return counts
+
+
 def _resume_kafka(kafka: EmbeddedKafka) -> None:
     if kafka.pid is not None:
         resume_group(kafka.pid)
@@ -459,12 +502,14 @@ class Bursts:
         self._topic = topic
 
     def __call__(self, kind: str, broker: Broker) -> int:
-        """Produce the burst of `kind`; the activations the broker ingested of it (waits
-        until all, or `_INGEST_TIMEOUT_S`)."""
+        """Produce the burst of `kind` and wait until the broker ingested it (or
+        `_INGEST_TIMEOUT_S`), then until its tasks are due in `_BURST_LEAD_S`: the fault
+        starts then. The activations the broker ingested meanwhile (others included)."""
         burst = self._ids.get(kind, [])
         if not burst:
             return 0
         before = _ingested(broker.scrape())
+        due = time.monotonic() + BURST_DELAY_S
         produce_tasks(self._bootstrap, self._topic, burst, self._spec)
         deadline = time.monotonic() + _INGEST_TIMEOUT_S
         ingested = 0
@@ -473,6 +518,7 @@ class Bursts:
             if ingested >= len(burst):
                 break
             time.sleep(0.05)
+        time.sleep(max(0.0, due - _BURST_LEAD_S - time.monotonic()))
         return ingested
 
 
@@ -606,6 +652,8 @@ def run(options: ChaosOptions, command: str = "") -> dict[str, Any]:
             except Exception as error:
                 errors.append(f"{background!r}: {type(error).__name__}: {error}")
         final = broker.sample()
+        copies = copies_in_kafka(kafka.bootstrap, topic, options.partitions)
+        log_tail = tail(cluster.slots[0].workdir / "broker.log", _LOG_TAIL_LINES)
     return summarize(
         options,
         ids,
@@ -616,6 +664,8 @@ def run(options: ChaosOptions, command: str = "") -> dict[str, Any]:
         drained_wall=drained[0] if drained else None,
         errors=errors,
         final=final,
+        copies=copies,
+        log_tail=log_tail,
         disk=disk,
         command=command,
     )
@@ -632,6 +682,8 @@ def summarize(
     drained_wall: float | None,
     errors: list[str],
     final: dict[str, Any],
+    copies: Counter[str],
+    log_tail: str,
     disk: SmallDisk,
     command: str,
 ) -> dict[str, Any]:
@@ -643,7 +695,7 @@ def summarize(
         report.retried,
     )
     accounting = account(ids, executions)
-    bound = duplicate_bound(executions, faults.kills, accounting["duplicated_ids"])
+    bound = duplicate_bound(executions, faults.kills, accounting["duplicated_ids"], copies)
     times, latencies = sorted_completions(report.completed_wall, report.task_latencies_ms)
     retried_times = sorted(
         at
@@ -722,6 +774,7 @@ def summarize(
         "worker_errors_by_code": dict(report.errors),
         "timeline": {"bin_s": 1.0, "tasks_per_s": rate_series(times, started_wall)},
         "final_broker_sample": final,
+        "broker_log_tail": log_tail.splitlines(),
         "machine": machine(),
     }
 
