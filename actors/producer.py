@@ -101,6 +101,7 @@ class _Outcomes:
         self._waiting = set(key_ids)
         self._acknowledged: list[str] = []
         self._failed: dict[str, str] = {}
+        self.fatal: KafkaError | None = None
 
     @property
     def complete(self) -> bool:
@@ -110,6 +111,8 @@ class _Outcomes:
         if error is None:
             self.acknowledge(key_id)
         else:
+            if _is_fatal(error):
+                self.fatal = error
             self.fail(key_id, _describe(error))
 
     def acknowledge(self, key_id: str) -> None:
@@ -129,15 +132,33 @@ class _Outcomes:
 
 
 class KafkaProducer:
-    """A confluent-kafka producer that reports, per message, whether Kafka acknowledged it."""
+    """A confluent-kafka producer that reports, per message, whether Kafka acknowledged it.
+
+    A librdkafka producer that hit a fatal error refuses every later message: an idempotent
+    one whose request timed out in flight is fenced for good by a Kafka that does not bump
+    its epoch (Tansu, after a hang: every produce since failed with PRODUCER_FENCED). So
+    after a batch that saw one, the client is replaced by a new one; the batch's messages
+    are reported failed, and the caller's next attempt goes through the new client.
+    """
 
     def __init__(self, config: ProducerConfig) -> None:
         self._config = config
+        self._fatal: KafkaError | None = None
         try:
-            # librdkafka's own log, connection errors included, goes to this module's logger.
-            self._producer = Producer(config.client_settings(), logger=quiet_repeats(_log))
+            self._producer = self._new_client()
         except KafkaException as exc:
             raise ConfigError(f"the Kafka producer rejected its settings: {exc}") from exc
+
+    def _new_client(self) -> Producer:
+        # librdkafka's own log, connection errors included, goes to this module's logger.
+        return Producer(
+            self._config.client_settings(), logger=quiet_repeats(_log), error_cb=self._on_error
+        )
+
+    def _on_error(self, error: KafkaError) -> None:
+        # Called from poll/flush, on the caller's thread.
+        if _is_fatal(error):
+            self._fatal = error
 
     def __repr__(self) -> str:
         return f"KafkaProducer(bootstrap_servers={self._config.bootstrap_servers!r})"
@@ -162,7 +183,22 @@ class KafkaProducer:
             self._producer.purge(in_queue=True, in_flight=False, blocking=False)
             # Serves the purge reports, so withdrawn messages say why they failed.
             self._producer.poll(0)
-        return outcomes.report(f"no delivery report within {timeout_s} s")
+        report = outcomes.report(f"no delivery report within {timeout_s} s")
+        fatal = outcomes.fatal or self._fatal
+        if fatal is not None:
+            self._replace_client(fatal)
+        return report
+
+    def _replace_client(self, fatal: KafkaError) -> None:
+        _log.warning(
+            "the Kafka producer hit a fatal error (%s); replacing it with a new one",
+            _describe(fatal),
+        )
+        old, self._fatal = self._producer, None
+        # Whatever the old client still holds failed with it; nothing waits for it.
+        old.purge(in_queue=True, in_flight=True, blocking=False)
+        old.flush(0)
+        self._producer = self._new_client()
 
     def close(self, timeout_s: float) -> int:
         """Wait up to `timeout_s` for messages still on their way; returns how many were not.
@@ -203,3 +239,7 @@ class KafkaProducer:
 
 def _describe(error: KafkaError) -> str:
     return f"{error.name()}: {error.str()}"
+
+
+def _is_fatal(error: KafkaError) -> bool:
+    return bool(error.fatal()) or error.code() in (KafkaError._FATAL, KafkaError.PRODUCER_FENCED)
