@@ -108,10 +108,12 @@ _CHUNK_S = 2.0
 """The producer sends a chunk of tasks every this many seconds (each chunk is a new
 producer that waits for its acknowledgements: about a second)."""
 _INGESTED = "taskbroker_kafka_activations_ingested_total"
-BURST_DELAY_S = 6
+BURST_DELAY_S = 12
 """Longer than producing a burst and its ingest take, so that it is still held back when
 the fault starts."""
 _BURST_LEAD_S = 1.0
+_RECOVERY_LIMIT_S = 30.0
+_RECOVERY_POLL_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +186,9 @@ class Applied:
     note: str = ""
     details: dict[str, Any] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    """The broker's metrics just before the fault, every second during it, just after."""
+    after: list[dict[str, Any]] = field(default_factory=list)
+    """The broker's metrics after the fault, until it had recovered."""
 
 
 class Broker:
@@ -350,6 +355,7 @@ class FaultRunner:
             resume_group(pid)
             record.end_wall = time.time()
         record.samples.append(self._broker.sample())
+        self._watch_recovery(record, stop)
 
     def _fill_disk(self, planned: Planned, record: Applied, stop: threading.Event) -> None:
         if not self._disk.mounted:
@@ -367,6 +373,7 @@ class FaultRunner:
             self._disk.empty()
             record.end_wall = time.time()
         record.samples.append(self._broker.sample())
+        self._watch_recovery(record, stop)
 
     def _lock(self, planned: Planned, record: Applied, stop: threading.Event) -> None:
         record.details["burst_ingested"] = self._bursts(planned.kind, self._broker)
@@ -380,6 +387,40 @@ class FaultRunner:
             locker.wait(_SAMPLE_INTERVAL_S * 5)
             record.end_wall = time.time()
         record.samples.append(self._broker.sample())
+        self._watch_recovery(record, stop)
+
+    def _watch_recovery(self, record: Applied, stop: threading.Event) -> None:
+        """Sample after the fault until the broker shows it has recovered (`recovered`),
+        `_RECOVERY_LIMIT_S` at most; when, in seconds after the fault's end, or None."""
+        deadline = time.monotonic() + _RECOVERY_LIMIT_S
+        while time.monotonic() < deadline:
+            row = self._broker.sample()
+            record.after.append(row)
+            if recovered(record.kind, record.samples[0], record.samples[-1], row):
+                record.details["recovered_after_s"] = round(row["wall"] - record.end_wall, 2)
+                return
+            if stop.wait(_RECOVERY_POLL_S):
+                break
+        record.details["recovered_after_s"] = None
+
+
+def recovered(
+    kind: str, before: dict[str, Any], at_end: dict[str, Any], now: dict[str, Any]
+) -> bool:
+    """Whether the broker is past the fault `kind`, from samples before the fault, at its
+    end, and now: consuming and committing again (Kafka back), producing retries again
+    (or none left), everything flushed and offsets where they were or further (disk
+    space back, lock released)."""
+    if "error" in now or any("error" in row for row in (before, at_end)):
+        return False
+    committing: bool = now["committed_offsets"] >= before["committed_offsets"]
+    if kind == KAFKA_UNREACHABLE:
+        return committing and now["readyz"] == 200
+    if kind == RETRY_PRODUCER_FAILING:
+        produced: bool = now["produced"] > at_end["produced"]
+        return produced or now["activations"].get("retry", 0) == 0
+    flushed: bool = now["dirty_records"] == 0
+    return committing and flushed
 
 
 def _fault_line(record: Applied) -> str:
@@ -429,6 +470,8 @@ def window_checks(
         # A lock shorter than the writer's busy timeout holds a flush rather than failing it.
         checks["offsets_held"] = len(set(committed[1:])) <= 1
         checks["results_answered"] = acknowledged_in_window > 0
+    checks["recovered_after_s"] = record.details.get("recovered_after_s")
+    checks["recovered"] = checks["recovered_after_s"] is not None
     checks["passed"] = all(value for key, value in checks.items() if isinstance(value, bool))
     return checks
 

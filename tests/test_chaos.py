@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import chaos
-from loadtest.chaos import Applied, window_checks
+from loadtest.chaos import Applied, recovered, window_checks
 from loadtest.chaos_faults import (
     DB_LOCKED,
     DISK_FULL,
@@ -189,7 +189,7 @@ def _sample(**values: int) -> dict[str, object]:
 
 
 def test_a_retry_window_passes_only_when_nothing_counted_as_produced_while_kafka_was_away() -> None:
-    record = Applied(RETRY_PRODUCER_FAILING, 0.0)
+    record = Applied(RETRY_PRODUCER_FAILING, 0.0, details={"recovered_after_s": 1.5})
     record.samples = [
         _sample(produced=4, produce_failed=0),
         _sample(produced=4, produce_failed=2),
@@ -204,7 +204,7 @@ def test_a_retry_window_passes_only_when_nothing_counted_as_produced_while_kafka
 
 
 def test_a_full_disk_window_needs_failed_flushes_and_offsets_that_stood_still() -> None:
-    record = Applied(DISK_FULL, 0.0)
+    record = Applied(DISK_FULL, 0.0, details={"recovered_after_s": 0.5})
     record.samples = [
         _sample(flush_failures=0, committed_offsets=100),
         _sample(flush_failures=1, committed_offsets=120),
@@ -217,6 +217,32 @@ def test_a_full_disk_window_needs_failed_flushes_and_offsets_that_stood_still() 
     assert not window_checks(record, acknowledged_in_window=5, retried_in_window=0)["passed"]
     record.samples[3] = _sample(flush_failures=3, committed_offsets=120)
     assert not window_checks(record, acknowledged_in_window=0, retried_in_window=0)["passed"]
+    record.details["recovered_after_s"] = None  # never flushed everything again
+    assert not window_checks(record, acknowledged_in_window=5, retried_in_window=0)["passed"]
+
+
+def _row(**values: object) -> dict[str, object]:
+    return {
+        "readyz": 200,
+        "committed_offsets": 100,
+        "dirty_records": 0,
+        "produced": 3,
+        "activations": {"retry": 4},
+        **values,
+    }
+
+
+def test_recovery_is_consuming_producing_or_flushing_again_as_the_fault_was() -> None:
+    before, at_end = _row(), _row(committed_offsets=0)
+    assert not recovered(KAFKA_UNREACHABLE, before, at_end, _row(committed_offsets=0))
+    assert not recovered(KAFKA_UNREACHABLE, before, at_end, _row(readyz=503))
+    assert recovered(KAFKA_UNREACHABLE, before, at_end, _row(committed_offsets=130))
+    assert not recovered(RETRY_PRODUCER_FAILING, before, at_end, _row())
+    assert recovered(RETRY_PRODUCER_FAILING, before, at_end, _row(produced=4))
+    assert recovered(RETRY_PRODUCER_FAILING, before, at_end, _row(activations={"retry": 0}))
+    assert not recovered(DISK_FULL, before, at_end, _row(dirty_records=12))
+    assert recovered(DB_LOCKED, before, at_end, _row())
+    assert not recovered(DB_LOCKED, before, at_end, {"readyz": "unreachable", "error": "x"})
 
 
 # --- the means of the faults ------------------------------------------------------------------
