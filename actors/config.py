@@ -312,6 +312,11 @@ class Config:
 
     flush_interval_ms: int = 50
     flush_max_dirty: int = 10_000
+    runtime_config_path: str = ""
+    """taskbroker's runtime rules file (YAML: killswitch, demoted and paused namespaces);
+    empty: none. Read again when it changes and at SIGHUP (`actors.control`)."""
+    runtime_config_check_interval_ms: int = 5000
+    """How often the rules file's mtime is checked for a change."""
     shutdown_timeout_ms: int = 20_000
     metrics_max_task_names: int = 100
     """Distinct (namespace, taskname) label pairs per-task metrics report; later pairs are
@@ -331,7 +336,8 @@ class Config:
             "max_pending_count max_processing_count max_delay_count max_processing_attempts "
             "upkeep_task_interval_ms upkeep_unhealthy_interval_ms db_insert_batch_max_len "
             "db_insert_batch_max_size db_insert_batch_max_time_ms flush_interval_ms "
-            "flush_max_dirty shutdown_timeout_ms metrics_max_task_names"
+            "flush_max_dirty shutdown_timeout_ms metrics_max_task_names "
+            "runtime_config_check_interval_ms"
         )
         for name in positive.split():
             _at_least(name, getattr(self, name), 1)

@@ -245,7 +245,8 @@ def parse_rules(text: str, source: str) -> RuntimeRules:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise RulesError(f"{source}: not valid YAML: {error}") from None
+        # One line: the error goes to a log line and a status field.
+        raise RulesError(f"{source}: not valid YAML: {' '.join(str(error).split())}") from None
     if document is None:
         return RuntimeRules()
     if not isinstance(document, dict):
