@@ -82,19 +82,26 @@ class UpkeepTick:
 
 
 class Heartbeat:
-    """When upkeep last completed a tick. Written by the upkeep thread, read by the monitor:
-    a float assignment is atomic, so no lock is needed."""
+    """When upkeep last showed it was alive. Written by the upkeep thread, read by the
+    monitor: a float assignment is atomic, so no lock is needed.
+
+    A beat may come with a wait announced: upkeep is about to wait up to `waiting_s` for
+    Kafka's delivery reports. Until that wait is over the heartbeat counts as fresh: a tick
+    that waits on a silent Kafka is not a stuck upkeep, and taking the broker out of service
+    for it would stop it handing out what it holds. A wait that overruns what it announced
+    ages like any other silence.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._last: float | None = None
 
-    def beat(self) -> None:
-        self._last = self._clock()
+    def beat(self, waiting_s: float = 0.0) -> None:
+        self._last = self._clock() + waiting_s
 
     def age_s(self) -> float | None:
         last = self._last
-        return None if last is None else self._clock() - last
+        return None if last is None else max(self._clock() - last, 0.0)
 
 
 class Upkeep(BrokerActor):
@@ -189,7 +196,9 @@ class Upkeep(BrokerActor):
             return ProduceReport(acknowledged=(), failed={})
         now = self._clock()
         messages = [self._outgoing(order, now) for order in orders]
-        report = self._producer.produce_many(messages, self._config.produce_timeout_ms / 1000)
+        timeout_s = self._config.produce_timeout_ms / 1000
+        self.heartbeat.beat(waiting_s=timeout_s)
+        report = self._producer.produce_many(messages, timeout_s)
         if report.failed and not self._produce_failing:
             reason = next(iter(report.failed.values()))
             logger.warning(
