@@ -29,11 +29,12 @@ client, and the one place where its errors become `KafkaUnavailable`.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -71,6 +72,10 @@ _AUTO_OFFSET_RESETS = ("earliest", "latest", "error")
 # A failed commit is sent again after this long even if no new Persisted comes: on a
 # quiet topic the next one may be far off.
 _COMMIT_RETRY_S = 1.0
+
+# How often librdkafka reports its statistics, from which `KafkaSilence` learns when Kafka
+# last answered. A JSON document per second is cheap next to 20 fetches a second.
+_STATISTICS_INTERVAL_MS = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +327,56 @@ class CommitTracker:
         return found
 
 
+class KafkaSilence:
+    """How long Kafka has been silent towards this consumer, read from librdkafka's
+    statistics, and whether that is long enough to call it unreachable.
+
+    A Kafka that is down, hung (a stopped process keeps its sockets open, so librdkafka
+    sees no error for a long while) or cut off looks the same here: nothing received.
+    A healthy one answers a fetch every `fetch_wait_max_ms` and a heartbeat every third of
+    the session timeout, so a silence as long as the session timeout is the one Kafka
+    itself would take for a dead member. A group join that Kafka holds for a few seconds
+    (Tansu does) stays well short of it.
+    """
+
+    def __init__(
+        self, unreachable_after_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._unreachable_after_s = unreachable_after_s
+        self._clock = clock
+        # No answer yet: silent since it was made. Written by the consumer's thread only,
+        # read by any; a float assignment is atomic.
+        self._last_answer_at = clock()
+
+    def __repr__(self) -> str:
+        return f"<KafkaSilence last answer at {self._last_answer_at:.1f}>"
+
+    def observe(self, statistics: Mapping[str, object], now: float | None = None) -> None:
+        """One statistics document (librdkafka's JSON, parsed) taken at `now`."""
+        now = self._clock() if now is None else now
+        brokers = statistics.get("brokers")
+        if not isinstance(brokers, Mapping):
+            return
+        idle_us = [
+            broker["rxidle"]
+            for broker in brokers.values()
+            if isinstance(broker, Mapping)
+            and broker.get("state") == "UP"
+            and isinstance(broker.get("rxidle"), int)
+            and broker["rxidle"] >= 0  # -1: nothing received on this connection yet
+        ]
+        if idle_us:
+            self._last_answer_at = max(self._last_answer_at, now - min(idle_us) / 1e6)
+
+    def silent_s(self, now: float | None = None) -> float:
+        """Seconds since Kafka last answered (anything received at all)."""
+        return max((self._clock() if now is None else now) - self._last_answer_at, 0.0)
+
+    def answering(self, now: float | None = None) -> bool:
+        """False once Kafka has been silent for the session timeout."""
+        return self.silent_s(now) < self._unreachable_after_s
+
+
 class PauseState:
     """Which assigned partitions must not be fetched from, and why.
 
@@ -399,6 +454,7 @@ class KafkaConsumer(BrokerActor):
         observer: MailboxObserver | None = None,
         name: str = "kafka-consumer",
         assigned: threading.Event | None = None,
+        silence: KafkaSilence | None = None,
     ) -> None:
         super().__init__(name, mailbox, observer)
         self._config = config
@@ -407,9 +463,18 @@ class KafkaConsumer(BrokerActor):
         # Set at the first partition assignment: the broker is then "consuming".
         self._first_assignment = assigned or threading.Event()
         quiet_repeats(_client_log)
+        # Shared with whoever reports health (the supervisor passes it in): read on other
+        # threads without a message, so it tells the truth while this actor is stuck too.
+        self._silence = silence or KafkaSilence(config.session_timeout_ms / 1000)
+        self._answering = True  # what was last logged about Kafka answering
         try:
             self._consumer = Consumer(
-                {**config.client_settings(), "on_commit": self._on_commit},
+                {
+                    **config.client_settings(),
+                    "on_commit": self._on_commit,
+                    "statistics.interval.ms": _STATISTICS_INTERVAL_MS,
+                    "stats_cb": self._on_statistics,
+                },
                 logger=_client_log,
                 error_cb=partial(_log_client_error, config.bootstrap_servers),
             )
@@ -542,6 +607,7 @@ class KafkaConsumer(BrokerActor):
         for message in messages:
             self._take(message, wall_now)
         self._send_batch()
+        self._report_silence()
 
     def _fetch(self) -> list[Message]:
         """What the client holds now or, when it holds nothing, the first message to arrive
@@ -815,6 +881,35 @@ class KafkaConsumer(BrokerActor):
             backpressure=self._pauses.backpressure,
             high_watermarks=self._high_watermarks(),
         )
+
+    def _on_statistics(self, document: str) -> None:
+        # librdkafka calls this from inside a poll, on this actor's thread, once a second.
+        try:
+            statistics = json.loads(document)
+        except ValueError:
+            logger.debug("unreadable librdkafka statistics: %.200s", document)
+            return
+        self._silence.observe(statistics)
+
+    def _report_silence(self) -> None:
+        """Log when Kafka turns silent and when it answers again. Checked every slice, not
+        only when statistics arrive: a hung Kafka can hold those up too."""
+        answering = self._silence.answering()
+        if answering == self._answering:
+            return
+        self._answering = answering
+        if answering:
+            logger.info(
+                "Kafka %s answers again; consuming resumes once it assigns the partitions",
+                self._config.bootstrap_servers,
+            )
+        else:
+            logger.warning(
+                "Kafka %s has not answered for %.0f s: serving the tasks this broker holds; "
+                "nothing new is consumed and no offset is committed until it answers",
+                self._config.bootstrap_servers,
+                self._silence.silent_s(),
+            )
 
     def _high_watermarks(self) -> dict[Partition, int]:
         marks: dict[Partition, int] = {}

@@ -25,7 +25,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import grpc
 import pykka
@@ -558,6 +558,15 @@ class Metrics:
 T = TypeVar("T")
 
 
+class KafkaContact(Protocol):
+    """When Kafka last answered the consumer (`actors.consumer.KafkaSilence`), readable
+    from any thread without a message."""
+
+    def silent_s(self) -> float: ...
+
+    def answering(self) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot(Generic[T]):
     value: T
@@ -623,6 +632,8 @@ class ActorSnapshots:
         self._state: _Source[StateStats] | None = None
         self._consumer: _Source[ConsumerStats] | None = None
         self._writer: _Source[StoreSizes] | None = None
+        self.kafka: KafkaContact | None = None
+        """Read live, not polled: set once the consumer exists."""
         self._interval_s = interval_s
         self._ask_timeout_s = ask_timeout_s
         self._monotonic = monotonic
@@ -734,8 +745,13 @@ class BrokerCollector:
             families.snapshot_age.add_metric([source], age_s)
         if snapshots.state is not None:
             families.add_state(snapshots.state.value, self._clock())
+        if snapshots.kafka is not None:
+            families.add_kafka_contact(snapshots.kafka)
         if snapshots.consumer is not None:
-            families.add_consumer(snapshots.consumer.value)
+            families.add_consumer(
+                snapshots.consumer.value,
+                lag_known=snapshots.kafka is None or snapshots.kafka.answering(),
+            )
         if snapshots.store is not None:
             families.add_store(snapshots.store.value)
         return list(families.all())
@@ -877,8 +893,19 @@ class _Families:
             "kafka_consumer_lag_messages",
             "Messages of the partition not yet committed: high watermark minus committed "
             "offset (consumed but not yet durable ones included). Absent for a partition "
-            "until this process first commits for it.",
+            "until this process first commits for it, and while Kafka does not answer "
+            "(its end is unknown then).",
             "partition",
+        )
+        self.kafka_reachable = _gauge(
+            "kafka_reachable",
+            "1 while Kafka answers the consumer; 0 once it has been silent for the session "
+            "timeout (down, hung or cut off): the broker then serves what it holds, and "
+            "consumes and commits nothing until Kafka answers again.",
+        )
+        self.kafka_silence = _gauge(
+            "kafka_silence_seconds",
+            "Seconds since Kafka last answered the consumer (anything received at all).",
         )
         self.db_bytes = _gauge("store_database_bytes", "Size of the SQLite database file.")
         self.wal_bytes = _gauge("store_wal_bytes", "Size of the SQLite write-ahead log.")
@@ -916,7 +943,11 @@ class _Families:
         for outcome in ConcludeOutcome:
             self.conclusions.add_metric([outcome.value], stats.conclusions.get(outcome.value, 0))
 
-    def add_consumer(self, stats: ConsumerStats) -> None:
+    def add_kafka_contact(self, kafka: KafkaContact) -> None:
+        self.kafka_reachable.add_metric([], 1.0 if kafka.answering() else 0.0)
+        self.kafka_silence.add_metric([], kafka.silent_s())
+
+    def add_consumer(self, stats: ConsumerStats, lag_known: bool = True) -> None:
         self.consumed.add_metric([], stats.consumed)
         self.ingested.add_metric([], stats.ingested)
         self.batches.add_metric([], stats.batches)
@@ -935,8 +966,9 @@ class _Families:
             self.high_watermark.add_metric([str(partition)], high)
             committed = stats.committed.get(partition)
             # Until this process commits for a partition, what the group committed before
-            # is unknown here: no lag rather than a made-up one.
-            if committed is not None:
+            # is unknown here, and a silent Kafka's end is unknown: no lag rather than a
+            # made-up one.
+            if committed is not None and lag_known:
                 self.lag.add_metric([str(partition)], max(high - committed, 0))
 
     def add_store(self, sizes: StoreSizes) -> None:
