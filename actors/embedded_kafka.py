@@ -5,6 +5,10 @@ so a fresh process is a fresh cluster. `EmbeddedKafka` spawns it on a loopback p
 waits until it answers, creates the broker's topics, and always takes the process down
 again, even when the caller forgets to (a finalizer also runs at interpreter exit).
 
+Nothing of the parent runs when it is SIGKILLed, so on Linux the kernel ends Tansu then
+(PR_SET_PDEATHSIG). Where that cannot help (another OS, a signal that came too late), a pid
+file names the Tansu we started, and the next start stops that one if it is still there.
+
 Run `python -m actors.embedded_kafka [--port N] [--partitions N]` for a local broker.
 """
 
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import json
 import logging
 import os
 import signal
@@ -19,9 +25,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -49,6 +57,7 @@ _POLL_INTERVAL_S = 0.05
 _STOP_GRACE_S = 1.0
 _KILL_WAIT_S = 5.0
 _LOG_TAIL_CHARS = 2000
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class EmbeddedKafkaError(BrokerError):
@@ -88,7 +97,10 @@ class EmbeddedKafka:
         topics: Sequence[TopicSpec] = DEFAULT_TOPICS,
         partitions: int = 1,
         binary: str | None = None,
+        pid_file: Path | None = None,
     ) -> None:
+        """`pid_file`, when given, records the Tansu process while it runs, so that a later
+        start with the same file can stop one left behind (see `stop_orphan`)."""
         if partitions < 1:
             raise ValueError(f"partitions must be at least 1, got {partitions}")
         self._host = host
@@ -96,6 +108,7 @@ class EmbeddedKafka:
         self._topics = tuple(topics)
         self._partitions = partitions
         self._binary = binary
+        self._pid_file = pid_file
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path: Path | None = None
         # Held for the broker's lifetime: a collected AdminClient fails its pending futures.
@@ -144,10 +157,14 @@ class EmbeddedKafka:
         if self._process is not None:
             raise EmbeddedKafkaError(f"{self!r} is already started")
         binary = self._resolve_binary()
+        if self._pid_file is not None:
+            stop_orphan(self._pid_file)
         self._check_port_free()
         deadline = time.monotonic() + timeout_s
         process = self._spawn(binary)
         try:
+            if self._pid_file is not None:
+                _record(self._pid_file, process.pid)
             self._admin = AdminClient(
                 {
                     "bootstrap.servers": self.bootstrap,
@@ -172,6 +189,8 @@ class EmbeddedKafka:
             self._finalizer = None
         if self._process is not None:
             _terminate(self._process, grace_s)
+            if self._pid_file is not None:
+                _forget(self._pid_file, self._process.pid)
             self._process = None
         if self._log_path is not None:
             self._log_path.unlink(missing_ok=True)
@@ -233,23 +252,20 @@ class EmbeddedKafka:
         url = f"tcp://{self.bootstrap}"
         fd, log_name = tempfile.mkstemp(prefix=f"tansu-{self._port}-", suffix=".log")
         self._log_path = Path(log_name)
+        command = [
+            binary,
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         # A file, not a pipe: nobody has to drain it for the broker to keep running.
         with os.fdopen(fd, "wb") as log_file:
-            process = subprocess.Popen(
-                [
-                    binary,
-                    "broker",
-                    "--listener-url",
-                    url,
-                    "--advertised-listener-url",
-                    url,
-                    "--storage-engine",
-                    "memory://tansu/",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+            process = _spawn_on_keeper_thread(
+                command, log_file.fileno(), name=f"tansu-{self._port}"
             )
         self._process = process
         # Nobody waits for a forgotten broker to shut down cleanly, so it is killed outright.
@@ -289,6 +305,185 @@ class EmbeddedKafka:
         if "AddrInUse" in self._log_tail():
             return f" because port {self.bootstrap} is already in use"
         return ""
+
+
+def _spawn_on_keeper_thread(command: list[str], log_fd: int, name: str) -> subprocess.Popen[bytes]:
+    """Start `command` from a thread of its own that waits for it to exit.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process:
+    spawned from a short-lived thread (a supervisor started on a worker thread, say), Tansu
+    would be killed as soon as that thread returned. The keeper thread lives exactly as long
+    as Tansu does, so the signal comes only when the whole process dies. It is a daemon: a
+    forgotten broker must not hold up interpreter exit, where the finalizer kills it.
+    """
+    spawned: Future[subprocess.Popen[bytes]] = Future()
+
+    def keep() -> None:
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),  # noqa: PLW1509 - one async-signal-safe call
+            )
+        except BaseException as exc:  # handed to the caller, which re-raises it
+            spawned.set_exception(exc)
+            return
+        spawned.set_result(process)
+        process.wait()
+
+    threading.Thread(target=keep, name=name, daemon=True).start()
+    return spawned.result()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel SIGKILL the child when its parent dies (Linux only).
+
+    SIGKILL rather than SIGTERM: on SIGTERM Tansu waits for its clients, and an in-memory
+    broker has nothing to save. libc is looked up here, before the fork, so that the child
+    only makes the one system call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arrange() -> None:
+        if prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+    return arrange
+
+
+def pid_file_beside(db_path: Path) -> Path:
+    """Where a broker on `db_path` records its embedded Kafka: one broker per database file,
+    so one embedded Kafka per pid file."""
+    return db_path.with_name(f"{db_path.name}.kafka.pid")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """A process as the kernel tells it apart: a pid is reused, a pid with the same start
+    time and command line is not."""
+
+    pid: int
+    start_ticks: int
+    cmdline: tuple[str, ...]
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessIdentity | None:
+        """The live process `pid` (a zombie counts as gone), or None; None also where there
+        is no /proc to ask, so that nothing is ever stopped on a guess."""
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        # The command name, field 2, is in parentheses and may hold spaces and parentheses.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        state, start_ticks = fields[0], int(fields[19])
+        if state in {"Z", "X"}:
+            return None
+        return cls(pid, start_ticks, tuple(os.fsdecode(a) for a in cmdline.split(b"\0") if a))
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"pid": self.pid, "start_ticks": self.start_ticks, "cmdline": list(self.cmdline)}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ProcessIdentity:
+        """Raises ValueError (or KeyError, TypeError) for a file that is not one of ours."""
+        data = json.loads(text)
+        cmdline = data["cmdline"]
+        if not isinstance(cmdline, list) or not all(isinstance(a, str) for a in cmdline):
+            raise TypeError("cmdline is not a list of strings")
+        return cls(int(data["pid"]), int(data["start_ticks"]), tuple(cmdline))
+
+
+def stop_orphan(pid_file: Path, wait_s: float = _KILL_WAIT_S) -> None:
+    """Stop the embedded Kafka recorded in `pid_file` if that very process still runs.
+
+    It is left behind when its broker was killed on a system where the kernel did not end
+    it, and it holds the port the next broker needs. A pid that now names another process
+    (a recycled pid) is never signalled. The pid file is removed either way.
+    """
+    try:
+        text = pid_file.read_text()
+    except FileNotFoundError:
+        return
+    try:
+        recorded = ProcessIdentity.from_json(text)
+    except (ValueError, KeyError, TypeError) as exc:
+        _log.warning("ignoring the unreadable embedded Kafka pid file %s (%s)", pid_file, exc)
+        pid_file.unlink(missing_ok=True)
+        return
+    # The pidfd pins the process: once it is open, the pid cannot be reused under us.
+    try:
+        pidfd = os.pidfd_open(recorded.pid)
+    except ProcessLookupError:
+        _log.info("the embedded Kafka of %s (pid %d) is gone", pid_file, recorded.pid)
+        pid_file.unlink(missing_ok=True)
+        return
+    try:
+        current = ProcessIdentity.of(recorded.pid)
+        if current is None:
+            _log.info("the embedded Kafka of %s (pid %d) is gone", pid_file, recorded.pid)
+        elif current != recorded:
+            _log.warning(
+                "%s names pid %d, which is now another process (%s); leaving it alone",
+                pid_file,
+                recorded.pid,
+                " ".join(current.cmdline)[:200],
+            )
+        else:
+            _log.warning(
+                "stopping the embedded Kafka (pid %d) that an earlier broker left running, "
+                "recorded in %s",
+                recorded.pid,
+                pid_file,
+            )
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            _wait_gone(recorded, wait_s)
+    finally:
+        os.close(pidfd)
+    pid_file.unlink(missing_ok=True)
+
+
+def _wait_gone(recorded: ProcessIdentity, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while ProcessIdentity.of(recorded.pid) == recorded:
+        if time.monotonic() > deadline:
+            raise EmbeddedKafkaError(
+                f"the orphaned embedded Kafka (pid {recorded.pid}) did not exit within "
+                f"{wait_s} s of SIGKILL"
+            )
+        time.sleep(_POLL_INTERVAL_S)
+
+
+def _record(pid_file: Path, pid: int) -> None:
+    identity = ProcessIdentity.of(pid)
+    if identity is None:  # exited already: the readiness wait reports why
+        return
+    # Written whole and renamed, so a crash never leaves half a file to misread.
+    partial = pid_file.with_name(f"{pid_file.name}.partial")
+    try:
+        partial.write_text(identity.to_json())
+        partial.replace(pid_file)
+    except OSError as exc:
+        raise EmbeddedKafkaError(
+            f"cannot record the embedded Kafka in {pid_file}: {exc.strerror}"
+        ) from exc
+
+
+def _forget(pid_file: Path, pid: int) -> None:
+    try:
+        recorded = ProcessIdentity.from_json(pid_file.read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if recorded.pid == pid:
+        pid_file.unlink(missing_ok=True)
 
 
 def _terminate(process: subprocess.Popen[bytes], grace_s: float) -> None:
