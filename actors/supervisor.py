@@ -33,7 +33,13 @@ import pykka.debug
 from actors.config import Config, DeliveryMode, OpsStatusAuth, StoreMode
 from actors.consumer import BatchLimits, ConsumerConfig, KafkaConsumer
 from actors.direct import DirectStore, SqliteDirectState, SqliteDirectStateClient
-from actors.embedded_kafka import EMBEDDED_KAFKA_HOST, EmbeddedKafka, TopicSpec
+from actors.embedded_kafka import (
+    EMBEDDED_KAFKA_HOST,
+    EmbeddedKafka,
+    TopicSpec,
+    pid_file_beside,
+    stop_orphan,
+)
 from actors.errors import ActorUnavailable, BrokerError, ConfigError, StoreError
 from actors.frontend import FrontendConfig, GrpcFrontend
 from actors.messages import (
@@ -196,6 +202,10 @@ class Supervisor:
         # Before Kafka and the ops port: a database the broker cannot have is the likelier
         # mistake (a second broker from the same directory), and the one to report.
         check_database(Path(config.db_path))
+        if not config.kafka_cluster:
+            # After the database check, which proves the broker that started it is gone;
+            # before the port check, since the orphan holds the port.
+            stop_orphan(pid_file_beside(Path(config.db_path)))
         check_ports(config)
         # Before anything starts, like the checks above: an unreadable secret file.
         kafka_security = config.kafka_security.client_settings()
@@ -219,6 +229,7 @@ class Supervisor:
             port=config.embedded_kafka_port,
             topics=[TopicSpec(name) for name in sorted(topics)],
             partitions=config.embedded_kafka_partitions,
+            pid_file=pid_file_beside(Path(config.db_path)),
         )
         kafka.start()
         logger.info(
