@@ -463,6 +463,49 @@ class _BucketSeries:
         family.add_metric(labels, list(zip(self.le, cumulative, strict=True)), self.sum_s)
 
 
+class RuntimeRuleMetrics:
+    """The incident controls (`actors.control`, the state's `RuleObserver`): what the rules
+    did and whether the rules file reads. Killswitch entries are few and set by an operator,
+    so the entry is a label."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._killed = Counter(
+            f"{PREFIX}killswitch_dropped",
+            "Activations dropped by a killswitch entry, at ingest or from what was waiting.",
+            ("entry",),
+            registry=registry,
+        )
+        self._demoted = Counter(
+            f"{PREFIX}demoted_forwarded",
+            "Activations of demoted namespaces forwarded to the demoted topic (acknowledged).",
+            registry=registry,
+        )
+        self._reload_failures = Counter(
+            f"{PREFIX}runtime_rules_reload_failures",
+            "Reads of the runtime rules file that failed; the previous rules stayed.",
+            registry=registry,
+        )
+        self._file_ok = Gauge(
+            f"{PREFIX}runtime_rules_file_ok",
+            "1 when the last read of the runtime rules file succeeded, 0 when it failed.",
+            registry=registry,
+        )
+        self._file_ok.set(1)
+
+    def killed(self, label: str, count: int) -> None:
+        self._killed.labels(label).inc(count)
+
+    def demoted(self, count: int) -> None:
+        self._demoted.inc(count)
+
+    def rules_loaded(self) -> None:
+        self._file_ok.set(1)
+
+    def rules_load_failed(self) -> None:
+        self._reload_failures.inc()
+        self._file_ok.set(0)
+
+
 class FirstClaimMetrics:
     """The state actor's `ClaimObserver`, and the collector that exports what it observed:
     `taskbroker_first_claim_latency_seconds{namespace,taskname}`.
