@@ -7,6 +7,7 @@ Each subcommand registers itself on the parser in one `_add_<name>` function and
 - `taskbroker config`: the effective configuration, secrets masked.
 - `taskbroker produce`: write well-formed activations to Kafka, for demos and tests.
 - `taskbroker status`: a running broker's mailboxes and counts, as a table.
+- `taskbroker control`: incident controls (kill, demote, pause, resume) on a running broker.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from actors import config as configuration
-from actors import status
+from actors import control_cli, status
 from actors.activation import encode_activation
 from actors.config import Config
 from actors.embedded_kafka import EMBEDDED_KAFKA_HOST
@@ -475,6 +476,17 @@ def _add_status(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     parser.set_defaults(handler=status.run)
 
 
+def _add_control(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "control",
+        help="incident controls on a running broker: kill, demote, pause, resume, show",
+        description="Change a running broker's runtime rules through its admin endpoint "
+        "(the ops port, with the admin token); the actions persist across restarts.",
+    )
+    control_cli.add_arguments(parser)
+    parser.set_defaults(handler=control_cli.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskbroker", description="An actor-model task broker.")
     subparsers = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
@@ -482,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(subparsers)
     _add_produce(subparsers)
     _add_status(subparsers)
+    _add_control(subparsers)
     return parser
 
 

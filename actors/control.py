@@ -460,3 +460,46 @@ def _error(code: HTTPStatus, message: str) -> tuple[HTTPStatus, bytes]:
 def controls_path(db_path: Path) -> Path:
     """Where the control actions of the broker whose database is `db_path` are kept."""
     return db_path.with_name(db_path.name + CONTROLS_SUFFIX)
+
+
+def render_rules(section: Mapping[str, Any]) -> str:
+    """The `runtime_rules` section of /status as plain text, for `taskbroker status` and
+    `taskbroker control`."""
+    effective = section.get("effective") or {}
+
+    def listed(key: str) -> str:
+        return ", ".join(str(v) for v in effective.get(key) or []) or "-"
+
+    kills = [
+        entry if isinstance(entry, str) else json.dumps(entry, sort_keys=True)
+        for entry in effective.get("drop_task_killswitch") or []
+    ]
+    lines = [
+        "runtime rules in force:",
+        f"  killswitch:          {'; '.join(kills) or '-'}",
+        f"  demoted namespaces:  {listed('demoted_namespaces')}"
+        f" (to {effective.get('demoted_topic', '?')})",
+        f"  paused namespaces:   {listed('paused_namespaces')}",
+        f"  paused applications: {listed('paused_applications')}",
+    ]
+    file = section.get("file") or {}
+    if file.get("path"):
+        state = f"read {_when(file.get('loaded_at'))}"
+        if file.get("error"):
+            state += f"; NOT reloaded {_when(file.get('error_at'))}: {file['error']}"
+        lines.append(f"  rules file:          {file['path']} ({state})")
+    for action in section.get("controls") or []:
+        target = action.get("taskname") or action.get("namespace") or action.get("application")
+        selectors = {k: action[k] for k in ("select_arg", "select_kwarg") if k in action}
+        suffix = f" {json.dumps(selectors, sort_keys=True)}" if selectors else ""
+        lines.append(
+            f"  control: {action.get('action')} {target}{suffix}"
+            f" by {action.get('who')} {_when(action.get('at'))}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _when(at: object) -> str:
+    if not isinstance(at, int | float):
+        return "never"
+    return time.strftime("at %Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
