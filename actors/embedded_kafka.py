@@ -200,6 +200,8 @@ class EmbeddedKafka:
         """Create `topics` and wait until the broker confirmed every one."""
         if self._admin is None:
             raise EmbeddedKafkaError(f"{self!r} is not started")
+        if not topics:  # the admin client refuses an empty list
+            return
         new_topics = [
             NewTopic(spec.name, self._partitions if spec.partitions is None else spec.partitions)
             for spec in topics

@@ -17,7 +17,16 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from actors.embedded_kafka import EmbeddedKafka, EmbeddedKafkaError, TopicSpec, free_port
+from actors.embedded_kafka import (
+    EmbeddedKafka,
+    EmbeddedKafkaError,
+    ProcessIdentity,
+    TopicSpec,
+    free_port,
+    pid_file_beside,
+    stop_orphan,
+)
+from tests.broker_process import BrokerProcess, wait_for
 
 if TYPE_CHECKING:
     from tests.conftest import TopicFactory
@@ -198,3 +207,185 @@ def test_the_command_runs_until_sigterm_and_takes_the_broker_down() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
+
+
+# --- the embedded Kafka outlives no broker ------------------------------------------------------
+
+
+def embedded_run_args(db_path: Path, kafka_port: int) -> list[str]:
+    """`taskbroker run` with the embedded Kafka on `kafka_port`, everything on loopback."""
+    return [
+        "--db", str(db_path),
+        "--embedded-kafka-port", str(kafka_port),
+        "--grpc-port", "0",
+        "--metrics-port", "0",
+        "--set", "grpc_addr=127.0.0.1",
+    ]  # fmt: skip
+
+
+def recorded_pid(pid_file: Path) -> int:
+    return ProcessIdentity.from_json(pid_file.read_text()).pid
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie: a zombie holds no port."""
+    return ProcessIdentity.of(pid) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_sigkilled_broker_takes_its_kafka_down_and_the_next_start_gets_the_port(
+    tmp_path: Path,
+) -> None:
+    db_path = tmp_path / "broker.sqlite"
+    pid_file = pid_file_beside(db_path)
+    kafka_port = free_port()
+    args = embedded_run_args(db_path, kafka_port)
+    with BrokerProcess(args, tmp_path / "first.log") as first:
+        first.start()
+        tansu = ProcessIdentity.from_json(pid_file.read_text())
+        assert ProcessIdentity.of(tansu.pid) == tansu
+        assert str(kafka_port) in " ".join(tansu.cmdline)
+
+        first.kill()
+        # Nothing of the broker ran after SIGKILL: the kernel ended Tansu (PDEATHSIG).
+        wait_for(lambda: not is_running(tansu.pid), 10, "the embedded Kafka to die with its broker")
+
+    with BrokerProcess(args, tmp_path / "second.log") as second:
+        second.start()
+        assert recorded_pid(pid_file) != tansu.pid
+        assert "already in use" not in second.log
+        assert second.stop() == 0
+    assert not pid_file.exists()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", kafka_port))
+
+
+# A parent that stays alive, as a broker's would on a system without PDEATHSIG (or one whose
+# signal came late), so that its Tansu is still there when the next broker starts.
+_ORPHANING_PARENT = """
+import pathlib, sys, time
+from actors.embedded_kafka import EmbeddedKafka
+kafka = EmbeddedKafka(port=int(sys.argv[1]), topics=(), pid_file=pathlib.Path(sys.argv[2]))
+kafka.start()
+print(kafka.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def orphaning_parent(tmp_path: Path) -> Iterator[tuple[int, Path, int]]:
+    """A process that started an embedded Kafka and keeps it; `(port, pid_file, tansu_pid)`."""
+    port = free_port()
+    pid_file = tmp_path / "broker.sqlite.kafka.pid"
+    with subprocess.Popen(
+        [sys.executable, "-c", _ORPHANING_PARENT, str(port), str(pid_file)],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            tansu_pid = int(parent.stdout.readline())
+            yield port, pid_file, tansu_pid
+            assert parent.poll() is None, "the parent must outlive the test's start"
+        finally:
+            parent.kill()  # its Tansu, if still there, dies with it
+
+
+@pytest.mark.timeout(60)
+def test_a_start_stops_the_kafka_an_earlier_broker_left_running(
+    orphaning_parent: tuple[int, Path, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="actors.embedded_kafka")
+    port, pid_file, orphan_pid = orphaning_parent
+    assert is_running(orphan_pid)
+    assert recorded_pid(pid_file) == orphan_pid
+
+    with EmbeddedKafka(port=port, pid_file=pid_file) as kafka:
+        assert not is_running(orphan_pid)
+        assert kafka.pid != orphan_pid
+        assert recorded_pid(pid_file) == kafka.pid
+        assert partition_counts(kafka.bootstrap)["taskworker"] == 1
+
+    assert not pid_file.exists()
+    (stopping,) = [r for r in caplog.records if "earlier broker left running" in r.getMessage()]
+    assert stopping.levelno == logging.WARNING
+    assert f"pid {orphan_pid}" in stopping.getMessage()
+    assert str(pid_file) in stopping.getMessage()
+
+
+@pytest.fixture
+def unrelated_process() -> Iterator[int]:
+    with subprocess.Popen(["sleep", "60"]) as sleeper:
+        try:
+            yield sleeper.pid
+        finally:
+            sleeper.kill()
+
+
+@pytest.mark.parametrize("recycled", ["started later", "another command"])
+def test_a_pid_file_naming_another_process_never_kills_it(
+    unrelated_process: int, recycled: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="actors.embedded_kafka")
+    actual = ProcessIdentity.of(unrelated_process)
+    assert actual is not None
+    # What the file would hold had our Tansu once had this pid.
+    if recycled == "started later":
+        ours = ProcessIdentity(actual.pid, actual.start_ticks - 1, actual.cmdline)
+    else:
+        ours = ProcessIdentity(actual.pid, actual.start_ticks, ("tansu", "broker"))
+    pid_file = tmp_path / "broker.sqlite.kafka.pid"
+    pid_file.write_text(ours.to_json())
+
+    stop_orphan(pid_file, wait_s=1.0)
+
+    assert ProcessIdentity.of(unrelated_process) == actual
+    assert not pid_file.exists()
+    (left,) = [r for r in caplog.records if "leaving it alone" in r.getMessage()]
+    assert f"names pid {unrelated_process}, which is now another process (sleep 60)" in (
+        left.getMessage()
+    )
+
+
+def test_a_pid_file_of_a_kafka_that_is_gone_is_removed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="actors.embedded_kafka")
+    with subprocess.Popen(["true"]) as exited:
+        exited.wait()
+    pid_file = tmp_path / "broker.sqlite.kafka.pid"
+    pid_file.write_text(ProcessIdentity(exited.pid, 1, ("tansu",)).to_json())
+
+    stop_orphan(pid_file)
+
+    assert not pid_file.exists()
+    assert f"(pid {exited.pid}) is gone" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content", ["", "not json", '{"pid": 1}', '{"pid": 1, "start_ticks": 2, "cmdline": "x"}']
+)
+def test_an_unreadable_pid_file_is_set_aside_and_nothing_is_signalled(
+    content: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pid_file = tmp_path / "broker.sqlite.kafka.pid"
+    pid_file.write_text(content)
+
+    stop_orphan(pid_file)
+
+    assert not pid_file.exists()
+    assert "ignoring the unreadable embedded Kafka pid file" in caplog.text
+
+
+def test_the_pid_file_sits_beside_the_database(tmp_path: Path) -> None:
+    assert pid_file_beside(tmp_path / "x.sqlite") == tmp_path / "x.sqlite.kafka.pid"
+
+
+def test_a_pid_file_in_a_missing_directory_fails_the_start_cleanly(tmp_path: Path) -> None:
+    kafka = EmbeddedKafka(port=free_port(), topics=(), pid_file=tmp_path / "no-dir" / "k.pid")
+
+    with pytest.raises(EmbeddedKafkaError, match="cannot record the embedded Kafka"):
+        kafka.start()
+    assert not kafka.running
