@@ -389,3 +389,19 @@ def test_a_pid_file_in_a_missing_directory_fails_the_start_cleanly(tmp_path: Pat
     with pytest.raises(EmbeddedKafkaError, match="cannot record the embedded Kafka"):
         kafka.start()
     assert not kafka.running
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_taskbroker_run_stops_the_orphan_of_its_database_before_checking_the_port(
+    orphaning_parent: tuple[int, Path, int], tmp_path: Path
+) -> None:
+    port, pid_file, orphan_pid = orphaning_parent
+    db_path = tmp_path / "broker.sqlite"
+    assert pid_file_beside(db_path) == pid_file
+
+    with BrokerProcess(embedded_run_args(db_path, port), tmp_path / "broker.log") as broker:
+        broker.start()
+        assert not is_running(orphan_pid)
+        assert f"stopping the embedded Kafka (pid {orphan_pid})" in broker.log
+        assert broker.stop() == 0
