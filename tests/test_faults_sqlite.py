@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -171,6 +172,32 @@ def test_a_full_disk_loses_nothing_and_everything_lands_once_space_returns(
         fault.during(held)
         assert "database or disk is full" in broker.process.log
         ballast.unlink()
+        fault.after(db_path)
+
+
+def test_files_that_cannot_grow_lose_nothing_and_everything_lands_once_they_can(
+    kafka: EmbeddedKafka, tmp_path: Path
+) -> None:
+    """The full disk without a file system of its own (no root needed): the broker's
+    process may not grow a file past its current size (RLIMIT_FSIZE, set from outside with
+    prlimit), so its writes fail as on a full disk (EFBIG; Python ignores SIGXFSZ)."""
+    topics = new_topics(kafka)
+    db_path = tmp_path / "broker.sqlite"
+    with broker_process(kafka, topics, db_path, tmp_path) as broker:
+        fault = Fault(kafka, topics, broker)
+        held = fault.before()
+        # The broker's pid, as its database lock names it.
+        pid = int(Path(f"{db_path}.lock").read_text())
+        unlimited = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+        largest = max(
+            os.stat(path).st_size
+            for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm"))
+        )
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (largest, unlimited[1]))
+        try:
+            fault.during(held)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, unlimited)
         fault.after(db_path)
 
 
