@@ -112,6 +112,7 @@ BURST_DELAY_S = 12
 """Longer than producing a burst and its ingest take, so that it is still held back when
 the fault starts."""
 _BURST_LEAD_S = 1.0
+DISK_BURST_BYTES = 16 << 20
 _RECOVERY_LIMIT_S = 30.0
 _RECOVERY_POLL_S = 0.5
 
@@ -333,10 +334,12 @@ class FaultRunner:
         }
 
     def _sample_for(self, record: Applied, seconds: float, stop: threading.Event) -> None:
+        """Sample every `_SAMPLE_INTERVAL_S` for `seconds`, and at least once."""
         until = time.monotonic() + seconds
-        while (left := until - time.monotonic()) > 0:
+        while True:
             record.samples.append(self._broker.sample())
-            if stop.wait(min(_SAMPLE_INTERVAL_S, left)):
+            left = until - time.monotonic()
+            if left <= 0 or stop.wait(min(_SAMPLE_INTERVAL_S, left)):
                 return
 
     def _stop_kafka(self, planned: Planned, record: Applied, stop: threading.Event) -> None:
@@ -344,7 +347,9 @@ class FaultRunner:
         if pid is None:
             record.note = "Kafka is not running"
             return
-        record.details["burst_ingested"] = self._bursts(planned.kind, self._broker)
+        record.details["burst_ingested"] = self._bursts.before_kafka_stop(
+            planned.kind, self._broker
+        )
         record.samples.append(self._broker.sample())
         record.start_wall = time.time()
         pause_group(pid)
@@ -361,14 +366,14 @@ class FaultRunner:
         if not self._disk.mounted:
             record.note = f"not applied: no disk of its own to fill ({self._disk.reason})"
             return
-        record.details["burst_ingested"] = self._bursts(planned.kind, self._broker)
         record.samples.append(self._broker.sample())
         record.start_wall = time.time()
         try:
             record.details["ballast_bytes"] = self._disk.fill()
             record.details["free_bytes_when_full"] = self._disk.free_bytes()
             record.applied = True
-            self._sample_for(record, planned.duration_s, stop)
+            record.details["burst_ingested"] = self._bursts.during(planned.kind, self._broker)
+            self._sample_for(record, self._left(planned, record), stop)
         finally:
             self._disk.empty()
             record.end_wall = time.time()
@@ -376,18 +381,22 @@ class FaultRunner:
         self._watch_recovery(record, stop)
 
     def _lock(self, planned: Planned, record: Applied, stop: threading.Event) -> None:
-        record.details["burst_ingested"] = self._bursts(planned.kind, self._broker)
         record.samples.append(self._broker.sample())
         asked = time.time()
         with exclusive_lock(self._db_path, planned.duration_s) as locker:
             record.start_wall = time.time()
             record.applied = True
             record.details["waited_for_lock_s"] = round(record.start_wall - asked, 3)
-            self._sample_for(record, planned.duration_s, stop)
+            record.details["burst_ingested"] = self._bursts.during(planned.kind, self._broker)
+            self._sample_for(record, self._left(planned, record), stop)
             locker.wait(_SAMPLE_INTERVAL_S * 5)
             record.end_wall = time.time()
         record.samples.append(self._broker.sample())
         self._watch_recovery(record, stop)
+
+    @staticmethod
+    def _left(planned: Planned, record: Applied) -> float:
+        return max(0.0, planned.duration_s - (time.time() - record.start_wall))
 
     def _watch_recovery(self, record: Applied, stop: threading.Event) -> None:
         """Sample after the fault until the broker shows it has recovered (`recovered`),
@@ -532,28 +541,50 @@ def _resume_kafka(kafka: EmbeddedKafka) -> None:
 
 
 class Bursts:
-    """The tasks produced just before each window fault, held back by the broker for
-    `BURST_DELAY_S` so that they become claimable during the fault: the workers then have
-    something to take and report while Kafka, the disk or the lock is gone."""
+    """A burst of tasks for each window fault, so that the workers have something to take
+    and report while Kafka, the disk or the lock is gone.
+
+    With Kafka stopped nothing can be produced: the burst goes in just before, held back
+    by the broker for `BURST_DELAY_S` (`before_kafka_stop`), to become claimable during
+    the stop. For the disk and the lock it goes in during the fault (`during`), so that
+    its ingest has to be written: the disk burst's payloads come to `DISK_BURST_BYTES`,
+    more than the write-ahead log holds already (SQLite reuses its WAL file, so small
+    writes need no new space and would not notice the full disk)."""
 
     def __init__(
         self, ids: dict[str, list[str]], spec: TaskSpec, bootstrap: str, topic: str
     ) -> None:
         self._ids = ids
-        self._spec = replace(spec, delay_s=BURST_DELAY_S)
+        self._spec = spec
         self._bootstrap = bootstrap
         self._topic = topic
 
-    def __call__(self, kind: str, broker: Broker) -> int:
-        """Produce the burst of `kind` and wait until the broker ingested it (or
-        `_INGEST_TIMEOUT_S`), then until its tasks are due in `_BURST_LEAD_S`: the fault
-        starts then. The activations the broker ingested meanwhile (others included)."""
+    def before_kafka_stop(self, kind: str, broker: Broker) -> int:
+        """Produce the burst of `kind` held back, and wait until the broker ingested it,
+        then until its tasks are due in `_BURST_LEAD_S`: the fault starts then. The
+        activations the broker ingested meanwhile (others included)."""
+        due = time.monotonic() + BURST_DELAY_S
+        ingested = self._produce(kind, broker, replace(self._spec, delay_s=BURST_DELAY_S))
+        time.sleep(max(0.0, due - _BURST_LEAD_S - time.monotonic()))
+        return ingested
+
+    def during(self, kind: str, broker: Broker) -> int:
+        """Produce the burst of `kind` now; the activations the broker ingested (into
+        memory: not necessarily durable) meanwhile."""
+        spec = self._spec
+        if kind == DISK_FULL:
+            size = DISK_BURST_BYTES // max(1, len(self._ids.get(kind, ())))
+            spec = replace(spec, param_bytes=max(spec.param_bytes, size))
+        return self._produce(kind, broker, spec)
+
+    def _produce(self, kind: str, broker: Broker, spec: TaskSpec) -> int:
+        """Produce the burst and wait until the broker has ingested as many activations,
+        or `_INGEST_TIMEOUT_S`."""
         burst = self._ids.get(kind, [])
         if not burst:
             return 0
         before = _ingested(broker.scrape())
-        due = time.monotonic() + BURST_DELAY_S
-        produce_tasks(self._bootstrap, self._topic, burst, self._spec)
+        produce_tasks(self._bootstrap, self._topic, burst, spec)
         deadline = time.monotonic() + _INGEST_TIMEOUT_S
         ingested = 0
         while time.monotonic() < deadline:
@@ -561,7 +592,6 @@ class Bursts:
             if ingested >= len(burst):
                 break
             time.sleep(0.05)
-        time.sleep(max(0.0, due - _BURST_LEAD_S - time.monotonic()))
         return ingested
 
 
