@@ -258,7 +258,9 @@ def timeline_figure(result: Mapping[str, Any]) -> Figure:
         label = None if kind in labelled else kind
         labelled.add(kind)
         if kind == "kill":
+            # The line is the kill; the band after it, the broker down and restarting.
             axes.axvline(fault["start_s"], color=colour, linewidth=0.8, alpha=0.7, label=label)
+            axes.axvspan(fault["start_s"], fault["end_s"], color=colour, alpha=0.08)
         else:
             axes.axvspan(fault["start_s"], fault["end_s"], color=colour, alpha=0.25, label=label)
     axes.set(xlabel="seconds from the start", ylabel="tasks acknowledged / s", title="Chaos run")
