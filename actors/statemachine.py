@@ -616,8 +616,12 @@ class StateMachine:
         by_status = self._by_status
         by_status[old] -= 1
         by_status[status] += 1
+        # A record leaves PENDING for PROCESSING or CLAIMED only through a claim, which
+        # never hands out a held group: the claim path skips the lookup.
         if (
             self._pausing
+            and status is not Status.PROCESSING
+            and status is not Status.CLAIMED
             and (old is Status.PENDING) != (status is Status.PENDING)
             and self._rules.is_paused(record.application, record.namespace)
         ):
