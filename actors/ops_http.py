@@ -5,8 +5,10 @@
 - `GET /readyz`: 200 while the broker is ready (restored, consuming, upkeep ticking:
   what gRPC health reports), 503 otherwise (readiness).
 - `GET /status`: JSON (see `status_document`); with `Accept: text/html`, the HTML page.
-- `GET /status.html`: a self-contained page of the same that reloads itself; it loads
-  nothing from anywhere, so it renders on a host without a network.
+- `GET /status.html`: the operator's screen (`actors.status_page`): rates, charts of the
+  last 15 minutes, every actor's mailbox, the broker's settings; it loads nothing from
+  anywhere and runs no script, so it renders on a host without a network.
+- `GET /status/history`: JSON, the samples behind the charts (`actors.ops_history`).
 
 Access (`OpsAccess`): the probes and the scrape are always open; /status is open or needs
 the admin token (`ops_status_auth`); every method other than GET and HEAD needs the admin
@@ -21,14 +23,14 @@ Every answer is built from values read without a message to any actor (mailbox c
 from __future__ import annotations
 
 import hmac
-import html
+import importlib.metadata
 import json
 import logging
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,25 +39,28 @@ from typing import Any, Final
 import pykka
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from actors.config import Config
 from actors.errors import ConfigError
+from actors.messages import ConsumerStats
 from actors.metrics import ActorSnapshots, BrokerCollector, Metrics
+from actors.ops_history import HISTORY_INTERVAL_S, History, HistoryRecorder, Reading
 from actors.runtime import mailbox_stats_of
+from actors.status_page import render_html
 
 logger = logging.getLogger(__name__)
-
-REFRESH_S: Final = 5
-"""How often the HTML status page reloads itself."""
 
 _JSON: Final = "application/json"
 _HTML: Final = "text/html; charset=utf-8"
 _TEXT: Final = "text/plain; charset=utf-8"
 
-_STATUS_PATHS: Final = frozenset({"/status", "/status.html"})
+_STATUS_PATHS: Final = frozenset({"/status", "/status.html", "/status/history"})
 _READ_PATHS: Final = frozenset({"/metrics", "/healthz", "/readyz"}) | _STATUS_PATHS
 MIN_ADMIN_TOKEN_CHARS: Final = 16
 """Shorter than this, a token is guessable by a client that may retry as often as it likes."""
 
 StatusDocument = dict[str, Any]
+Section = Callable[[], Mapping[str, Any]]
+"""A provider of one more section of the status document (see `OpsEndpoint.add_section`)."""
 
 
 def admin_token(token: str, token_file: str) -> str | None:
@@ -106,11 +111,79 @@ class OpsAccess:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerFacts:
+    """What the status page says about the process itself; fixed for its life."""
+
+    version: str
+    started_at: float
+    kafka_bootstrap: str
+    kafka_topic: str
+    kafka_consumer_group: str
+    db_path: str
+    store_mode: str
+    delivery_mode: str
+    mailbox_push_timeout_ms: Mapping[str, int] = field(default_factory=dict)
+    """Each actor's `push_timeout_ms`: how long a sender to a full `block` mailbox waits."""
+
+    @classmethod
+    def of(
+        cls, config: Config, kafka_bootstrap: str, clock: Callable[[], float] = time.time
+    ) -> BrokerFacts:
+        """From the configuration, and the bootstrap servers in use (the embedded Kafka's
+        when none is configured)."""
+        mailboxes = config.mailbox
+        return cls(
+            version=_version(),
+            started_at=clock(),
+            kafka_bootstrap=kafka_bootstrap,
+            kafka_topic=config.kafka_topic,
+            kafka_consumer_group=config.kafka_consumer_group,
+            db_path=config.db_path,
+            store_mode=config.store_mode.value,
+            delivery_mode=config.delivery_mode.value,
+            mailbox_push_timeout_ms={
+                name: getattr(mailboxes, name).push_timeout_ms
+                for name in type(mailboxes).__dataclass_fields__
+            },
+        )
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        facts = asdict(self)
+        return {
+            "version": facts.pop("version"),
+            "uptime_s": max(now - self.started_at, 0.0),
+            **facts,
+        }
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("taskbroker-actors")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def kafka_lag(stats: ConsumerStats) -> int | None:
+    """Messages of the assigned partitions not yet committed, over those this process has
+    committed for (see `taskbroker_kafka_consumer_lag_messages`); None before any."""
+    lags = [
+        max(high - stats.committed[partition], 0)
+        for partition, high in stats.high_watermarks.items()
+        if partition in stats.committed
+    ]
+    return sum(lags) if lags else None
+
+
 def status_document(
     actors: Sequence[tuple[str, pykka.ActorRef[Any]]],
     snapshots: ActorSnapshots,
     ready: bool,
     clock: Callable[[], float] = time.time,
+    *,
+    facts: BrokerFacts | None = None,
+    history: History | None = None,
+    sections: Mapping[str, Section] | None = None,
 ) -> StatusDocument:
     """What /status answers, as plain JSON-able values:
 
@@ -121,7 +194,12 @@ def status_document(
       (empty until the state first answered);
     - `headline`: a flat mapping of the numbers an operator looks at first; a number whose
       actor has not answered yet is absent;
-    - `snapshot_age_s`: how old the state, consumer and writer numbers are.
+    - `snapshot_age_s`: how old the state, consumer and writer numbers are;
+    - `broker` (with `facts`): version, uptime, Kafka and database, mailbox push timeouts;
+    - `rates` (with `history`, from its second reading on): per second over the last
+      interval, `ingested_per_s`, `claims_per_s`, `results_per_s`, `flushes_per_s`, and
+      `flush_ms`, `kafka_lag`;
+    - one more key per entry of `sections`, its provider's answer.
     """
     now = clock()
     entries: list[dict[str, Any]] = []
@@ -163,10 +241,13 @@ def status_document(
         headline["kafka_decode_failures"] = sum(consumer.decode_failures.values())
         headline["kafka_assigned_partitions"] = len(consumer.assigned)
         headline["kafka_paused_partitions"] = len(consumer.paused)
+        lag = kafka_lag(consumer)
+        if lag is not None:
+            headline["kafka_lag_messages"] = lag
     if snapshots.store is not None:
         headline["store_db_bytes"] = snapshots.store.value.db_bytes
         headline["store_wal_bytes"] = snapshots.store.value.wal_bytes
-    return {
+    document: StatusDocument = {
         "ready": ready,
         "generated_at": now,
         "actors": entries,
@@ -174,99 +255,63 @@ def status_document(
         "headline": headline,
         "snapshot_age_s": {name: round(age, 3) for name, age in snapshots.ages_s().items()},
     }
+    document.update(_more_sections(now, facts, history, sections or {}))
+    return document
 
 
-def render_html(status: Mapping[str, Any], refresh_s: int = REFRESH_S) -> str:
-    """The status page: inline style, no script, no external resource; it reloads itself
-    every `refresh_s` seconds with a meta refresh."""
-    ready = bool(status.get("ready"))
-    rows = []
-    for actor in status.get("actors", []):
-        mailbox = actor.get("mailbox") or {}
-        full = mailbox.get("size") and mailbox.get("depth", 0) >= mailbox["size"]
-        rows.append(
-            _row(
-                actor["name"],
-                "yes" if actor.get("alive") else "NO",
-                f"{mailbox.get('depth', '-')} / {mailbox.get('size', '-')}",
-                mailbox.get("high_water", "-"),
-                mailbox.get("policy", "-"),
-                mailbox.get("overflows", "-"),
-                css="bad" if full or not actor.get("alive") else "",
-            )
-        )
-    counts = [_row(k, v) for k, v in status.get("counts_by_status", {}).items()]
-    headline = [_row(k, _number(v)) for k, v in status.get("headline", {}).items()]
-    ages = [_row(k, f"{v:.1f} s") for k, v in status.get("snapshot_age_s", {}).items()]
-    generated = time.strftime(
-        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(status.get("generated_at", 0)))
+def _more_sections(
+    now: float,
+    facts: BrokerFacts | None,
+    history: History | None,
+    sections: Mapping[str, Section],
+) -> StatusDocument:
+    more: StatusDocument = {}
+    if facts is not None:
+        more["broker"] = facts.to_json(now)
+    latest = None if history is None else history.latest()
+    if latest is not None:
+        more["rates"] = {
+            "ingested_per_s": latest.ingested_per_s,
+            "claims_per_s": latest.claims_per_s,
+            "results_per_s": latest.results_per_s,
+            "flushes_per_s": latest.flushes_per_s,
+            "flush_ms": latest.flush_ms,
+            "kafka_lag": latest.kafka_lag,
+        }
+    for name, provide in sections.items():
+        more[name] = dict(provide())
+    return more
+
+
+def read_counters(
+    actors: Sequence[tuple[str, pykka.ActorRef[Any]]],
+    snapshots: ActorSnapshots,
+    metrics: Metrics,
+    clock: Callable[[], float] = time.time,
+) -> Reading:
+    """One reading for the history: the actors' numbers asked afresh (one snapshot round,
+    bounded by its ask timeout), so the rates divide by the time they were read at."""
+    snapshots.refresh()
+    state = None if snapshots.state is None else snapshots.state.value
+    consumer = None if snapshots.consumer is None else snapshots.consumer.value
+    flushes, flush_seconds = metrics.writer.flush_totals()
+    depth: dict[str, int] = {}
+    for name, ref in actors:
+        try:
+            depth[name] = mailbox_stats_of(ref).depth
+        except TypeError:
+            continue  # not a broker actor: it has no mailbox counters
+    return Reading(
+        at=clock(),
+        ingested=None if consumer is None else consumer.ingested,
+        claims=None if state is None else state.claims.get("hit", 0),
+        results=None if state is None else sum(state.conclusions.values()),
+        flushes=flushes,
+        flush_seconds=flush_seconds,
+        kafka_lag=None if consumer is None else kafka_lag(consumer),
+        depth=depth,
+        waits=metrics.mailbox.waits(),
     )
-    return _PAGE.format(
-        refresh_s=refresh_s,
-        readiness="ready" if ready else "NOT READY",
-        readiness_css="good" if ready else "bad",
-        generated=html.escape(generated),
-        actors="\n".join(rows),
-        counts="\n".join(counts) or _row("(no answer from the state actor yet)"),
-        headline="\n".join(headline) or _row("(no numbers yet)"),
-        ages="\n".join(ages) or _row("(none yet)"),
-    )
-
-
-def _row(*cells: object, css: str = "") -> str:
-    attribute = f' class="{css}"' if css else ""
-    return f"<tr{attribute}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
-
-
-def _number(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.1f}"
-    return str(value)
-
-
-_PAGE: Final = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="refresh" content="{refresh_s}">
-<title>taskbroker status</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
-table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25em 0.75em; text-align: left; }}
-th {{ background: #f0f0f0; }}
-td:not(:first-child) {{ font-variant-numeric: tabular-nums; }}
-.good {{ color: #176b2c; }}
-.bad {{ color: #a31515; font-weight: bold; }}
-</style>
-</head>
-<body>
-<h1>taskbroker <span class="{readiness_css}">{readiness}</span></h1>
-<p>Generated {generated}; this page reloads every {refresh_s} s.</p>
-<h2>Actors</h2>
-<table>
-<tr><th>actor</th><th>alive</th><th>depth / size</th><th>high water</th><th>policy</th>
-<th>overflows</th></tr>
-{actors}
-</table>
-<h2>Activations by status</h2>
-<table>
-<tr><th>status</th><th>count</th></tr>
-{counts}
-</table>
-<h2>Headline</h2>
-<table>
-<tr><th>what</th><th>value</th></tr>
-{headline}
-</table>
-<h2>Age of the actors' numbers</h2>
-<table>
-<tr><th>source</th><th>age</th></tr>
-{ages}
-</table>
-</body>
-</html>
-"""
 
 
 class OpsServer:
@@ -285,8 +330,9 @@ class OpsServer:
         ready: Callable[[], bool],
         *,
         access: OpsAccess = OpsAccess(),
+        history: History | None = None,
     ) -> None:
-        handler = _handler_class(registry, status, ready, access)
+        handler = _handler_class(registry, status, ready, access, history=history)
         server_class = _IPv6Server if ":" in host else _Server
         try:
             self._server = server_class((host, port), handler)
@@ -338,7 +384,8 @@ class OpsEndpoint:
     observers to hand to the actors, the snapshot poller, and the HTTP server.
 
     `port` None builds the metrics and observers but serves nothing (the configuration's
-    `metrics_port = 0`); a number binds at once (0: a free port).
+    `metrics_port = 0`); a number binds at once (0: a free port). While it serves, a thread
+    reads the broker's counters every `history_interval_s` for the status page's charts.
     """
 
     def __init__(
@@ -350,18 +397,33 @@ class OpsEndpoint:
         snapshot_interval_s: float = 1.0,
         *,
         access: OpsAccess = OpsAccess(),
+        facts: BrokerFacts | None = None,
+        history_interval_s: float = HISTORY_INTERVAL_S,
     ) -> None:
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.snapshots = ActorSnapshots(interval_s=snapshot_interval_s)
         self.registry.register(BrokerCollector(actors, self.snapshots, ready))
+        self.history = History(interval_s=history_interval_s)
+        self._recorder = HistoryRecorder(
+            self.history, lambda: read_counters(actors(), self.snapshots, self.metrics)
+        )
+        self._sections: dict[str, Section] = {}
         self.server: OpsServer | None = None
         if port is not None:
             self.server = OpsServer(
                 host,
                 port,
                 self.registry,
-                status=lambda: status_document(actors(), self.snapshots, ready()),
+                status=lambda: status_document(
+                    actors(),
+                    self.snapshots,
+                    ready(),
+                    facts=facts,
+                    history=self.history,
+                    sections=self._sections,
+                ),
+                history=self.history,
                 ready=ready,
                 access=access,
             )
@@ -373,14 +435,23 @@ class OpsEndpoint:
     def url(self) -> str | None:
         return None if self.server is None else self.server.url
 
+    def add_section(self, name: str, provide: Section) -> None:
+        """One more section of the status document, `name`: `provide()` is called for each
+        answer and must not wait on an actor. The page draws it as a table of its own."""
+        if name in self._sections:
+            raise ValueError(f"the status document has a section {name!r} already")
+        self._sections[name] = provide
+
     def start(self) -> None:
         if self.server is not None:
             self.server.start()
             self.snapshots.start()
+            self._recorder.start()
 
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+            self._recorder.stop()
             self.snapshots.stop()
 
 
@@ -398,6 +469,8 @@ def _handler_class(
     status: Callable[[], StatusDocument],
     ready: Callable[[], bool],
     access: OpsAccess,
+    *,
+    history: History | None,
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "taskbroker-ops"
@@ -456,7 +529,10 @@ def _handler_class(
                 else:
                     self._send(HTTPStatus.SERVICE_UNAVAILABLE, _TEXT, b"not ready\n")
             elif path == "/status.html" or (path == "/status" and self._wants_html()):
-                self._send(HTTPStatus.OK, _HTML, render_html(status()).encode())
+                samples = [] if history is None else history.samples()
+                self._send(HTTPStatus.OK, _HTML, render_html(status(), samples).encode())
+            elif path == "/status/history" and history is not None:
+                self._send(HTTPStatus.OK, _JSON, json.dumps(history.to_json()).encode())
             elif path == "/status":
                 body = json.dumps(status(), indent=2, sort_keys=False).encode()
                 self._send(HTTPStatus.OK, _JSON, body)

@@ -50,7 +50,7 @@ from actors.messages import (
     StopConsuming,
 )
 from actors.metrics import FirstClaimMetrics
-from actors.ops_http import OpsAccess, OpsEndpoint, admin_token
+from actors.ops_http import BrokerFacts, OpsAccess, OpsEndpoint, admin_token
 from actors.producer import KafkaProducer, ProducerConfig
 from actors.pusher import Pusher, PusherConfig
 from actors.runtime import ask, tell_if_alive
@@ -251,6 +251,7 @@ class Supervisor:
                 admin_token(config.ops_admin_token, config.ops_admin_token_file),
                 status_needs_token=config.ops_status_auth is OpsStatusAuth.TOKEN,
             ),
+            facts=BrokerFacts.of(config, broker.kafka_bootstrap),
         )
         ops.start()
         metrics = ops.metrics

@@ -35,11 +35,12 @@ from actors.embedded_kafka import EmbeddedKafka
 from actors.errors import ConfigError, MailboxFull
 from actors.messages import Ingest
 from actors.metrics import ActorSnapshots, BrokerCollector, Metrics
-from actors.ops_http import OpsAccess, OpsServer, admin_token, render_html, status_document
+from actors.ops_http import OpsAccess, OpsServer, admin_token, status_document
 from actors.records import KafkaOffset, Offset, Partition
 from actors.runtime import BrokerActor, MailboxConfig, MailboxPolicy
 from actors.state import StateActor, StateConfig
 from actors.status import EXIT_OK, EXIT_UNREACHABLE, fetch_status, main_status, render_table
+from actors.status_page import render_html
 from actors.upkeep import UpkeepTick
 from tests.factories import make_record
 from tests.ops_support import (
@@ -223,8 +224,9 @@ def test_status_page_renders_without_a_network_and_refreshes_itself(
     assert not page.tags & {"script", "link", "img", "iframe"}
     assert page.refresh is not None
     assert int(page.refresh) > 0
-    for expected in ("state", "holder", "drop_newest", "NOT READY", "pending"):
-        assert expected in page.text
+    text = " ".join(page.text)
+    for expected in ("state", "holder", "newest dropped (drop_newest)", "NOT READY", "Pending"):
+        assert expected in text, expected
 
 
 def test_status_page_escapes_what_it_shows() -> None:
