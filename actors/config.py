@@ -355,6 +355,8 @@ class Config:
             if not getattr(self, name):
                 raise ConfigError(f"{name}: must not be empty")
         self._check_push()
+        if self.runtime_config_path and self.store_mode is not StoreMode.MEMORY:
+            raise ConfigError("runtime_config_path: runtime rules work with store_mode memory only")
         if self.ops_admin_token and self.ops_admin_token_file:
             raise ConfigError("ops_admin_token_file: set either it or ops_admin_token, not both")
         if self.ops_status_auth is OpsStatusAuth.TOKEN and not (
