@@ -3,7 +3,9 @@
 - `GET /metrics`: the registry in the Prometheus text format.
 - `GET /healthz`: 200 while the process answers HTTP at all (liveness).
 - `GET /readyz`: 200 while the broker is ready (restored, consuming, upkeep ticking:
-  what gRPC health reports), 503 otherwise (readiness).
+  what gRPC health reports), 503 otherwise (readiness). The body says what is wrong: a
+  silent Kafka leaves the broker ready (it serves what it holds, and pulling it out of
+  service would stop that too) but is named in the body.
 - `GET /status`: JSON (see `status_document`); with `Accept: text/html`, the HTML page.
 - `GET /status.html`: the operator's screen (`actors.status_page`): rates, charts of the
   last 15 minutes, every actor's mailbox, the broker's settings; it loads nothing from
@@ -42,7 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from actors.config import Config
 from actors.errors import ConfigError
 from actors.messages import ConsumerStats
-from actors.metrics import ActorSnapshots, BrokerCollector, Metrics
+from actors.metrics import ActorSnapshots, BrokerCollector, KafkaContact, Metrics
 from actors.ops_history import HISTORY_INTERVAL_S, History, HistoryRecorder, Reading
 from actors.runtime import mailbox_stats_of
 from actors.status_page import render_html
@@ -244,6 +246,9 @@ def status_document(
         lag = kafka_lag(consumer)
         if lag is not None:
             headline["kafka_lag_messages"] = lag
+    if snapshots.kafka is not None:
+        headline["kafka_reachable"] = snapshots.kafka.answering()
+        headline["kafka_silence_s"] = snapshots.kafka.silent_s()
     if snapshots.store is not None:
         headline["store_db_bytes"] = snapshots.store.value.db_bytes
         headline["store_wal_bytes"] = snapshots.store.value.wal_bytes
@@ -314,6 +319,16 @@ def read_counters(
     )
 
 
+def readiness_note(kafka: KafkaContact | None) -> str:
+    """What /readyz adds to "ready" or "not ready": empty while nothing is wrong."""
+    if kafka is None or kafka.answering():
+        return ""
+    return (
+        f"Kafka has not answered for {kafka.silent_s():.0f} s: serving the tasks held, "
+        "consuming and committing nothing until it answers"
+    )
+
+
 class OpsServer:
     """The endpoint on a stdlib `ThreadingHTTPServer`, served from a daemon thread.
 
@@ -331,8 +346,9 @@ class OpsServer:
         *,
         access: OpsAccess = OpsAccess(),
         history: History | None = None,
+        note: Callable[[], str] = str,
     ) -> None:
-        handler = _handler_class(registry, status, ready, access, history=history)
+        handler = _handler_class(registry, status, ready, access, note, history=history)
         server_class = _IPv6Server if ":" in host else _Server
         try:
             self._server = server_class((host, port), handler)
@@ -426,6 +442,7 @@ class OpsEndpoint:
                 history=self.history,
                 ready=ready,
                 access=access,
+                note=lambda: readiness_note(self.snapshots.kafka),
             )
 
     def __repr__(self) -> str:
@@ -469,6 +486,7 @@ def _handler_class(
     status: Callable[[], StatusDocument],
     ready: Callable[[], bool],
     access: OpsAccess,
+    note: Callable[[], str],
     *,
     history: History | None,
 ) -> type[BaseHTTPRequestHandler]:
@@ -524,10 +542,15 @@ def _handler_class(
             elif path == "/healthz":
                 self._send(HTTPStatus.OK, _TEXT, b"ok\n")
             elif path == "/readyz":
-                if ready():
-                    self._send(HTTPStatus.OK, _TEXT, b"ready\n")
-                else:
-                    self._send(HTTPStatus.SERVICE_UNAVAILABLE, _TEXT, b"not ready\n")
+                code, word = (
+                    (HTTPStatus.OK, "ready")
+                    if ready()
+                    else (HTTPStatus.SERVICE_UNAVAILABLE, "not ready")
+                )
+                text = note()
+                self._send(
+                    code, _TEXT, f"{word}: {text}\n".encode() if text else f"{word}\n".encode()
+                )
             elif path == "/status.html" or (path == "/status" and self._wants_html()):
                 samples = [] if history is None else history.samples()
                 self._send(HTTPStatus.OK, _HTML, render_html(status(), samples).encode())

@@ -31,7 +31,7 @@ import pykka
 import pykka.debug
 
 from actors.config import Config, DeliveryMode, OpsStatusAuth, StoreMode
-from actors.consumer import BatchLimits, ConsumerConfig, KafkaConsumer
+from actors.consumer import BatchLimits, ConsumerConfig, KafkaConsumer, KafkaSilence
 from actors.direct import DirectStore, SqliteDirectState, SqliteDirectStateClient
 from actors.embedded_kafka import (
     EMBEDDED_KAFKA_HOST,
@@ -366,6 +366,7 @@ class Supervisor:
             )
             broker.actors.append(("pusher", pusher))
 
+        kafka_silence = KafkaSilence(config.kafka_session_timeout_ms / 1000)
         consumer = KafkaConsumer.start(
             ConsumerConfig(
                 bootstrap_servers=broker.kafka_bootstrap,
@@ -396,10 +397,12 @@ class Supervisor:
             mailbox=mailboxes.consumer.to_runtime(),
             observer=metrics.mailbox,
             assigned=broker.consuming,
+            silence=kafka_silence,
             name="consumer",
         )
         broker.actors.append(("consumer", consumer))
         ops.snapshots.watch(consumer=consumer)
+        ops.snapshots.kafka = kafka_silence
         persisted.target = consumer
         state.tell(Connect(consumer=consumer))
 
