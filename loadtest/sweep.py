@@ -9,7 +9,8 @@ Kafka's records and the workers' calls meet in the actors during the measurement
 setting: tasks/s (workers' start to the last completion), task latency p50/p99, the
 mailbox's high water (since that broker started), its overflows and time-in-mailbox p99
 during the run (from /metrics), the broker's resident memory, and the calls refused by gRPC
-status code.
+status code. Each setting runs `--repeats` times (3), each time on a new broker: its row
+has the median of the runs' rates and latencies and the sum of their counts.
 
 What fills the state's mailbox is not the workers: the front end keeps one `WorkBatch` in
 flight, so gRPC load makes the batches bigger, not more numerous. The consumer's `Ingest`
@@ -33,8 +34,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,9 +139,12 @@ class Load:
     ingest_batch: int = DEFAULT_INGEST_BATCH
     """db_insert_batch_max_len: records per Ingest message to the state."""
     max_seconds: float = 120.0
+    """Per run."""
+    repeats: int = 3
+    """Runs per setting, each on a new broker: one run on a shared machine is noise."""
 
     def __post_init__(self) -> None:
-        for name in ("tasks", "workers", "processes", "ingest_batch"):
+        for name in ("tasks", "workers", "processes", "ingest_batch", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.max_seconds > 0:
@@ -163,6 +169,7 @@ class Load:
             "batch": self.kind.batch,
             "ingest_batch": self.ingest_batch,
             "max_seconds": self.max_seconds,
+            "repeats": self.repeats,
         }
 
 
@@ -241,7 +248,8 @@ def sweep(
     kafka_pid: int | None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every (size, policy), each on a new broker and topic, in that order."""
+    """Every (size, policy), in that order, each `load.repeats` times on a new broker and
+    topic, the runs combined into one row."""
     rows = []
     for size in sizes:
         for policy in policies:
@@ -254,12 +262,50 @@ def sweep(
                     *knob.settings(size, policy),
                 ),
             )
-            with session(setup, bootstrap=bootstrap, kafka_pid=kafka_pid) as under_test:
-                row = measure(under_test, knob, load, size, policy)
+            runs = []
+            for _ in range(load.repeats):
+                with session(setup, bootstrap=bootstrap, kafka_pid=kafka_pid) as under_test:
+                    runs.append(measure(under_test, knob, load, size, policy))
+            row = combine(runs)
             if on_row is not None:
                 on_row(row)
             rows.append(row)
     return rows
+
+
+_MEDIANS = ("tasks_per_s", "task_p50_ms", "task_p99_ms", "wait_p99_ms")
+_SUMS = ("tasks", "completed", "lost", "duplicates", "overflows", "mailbox_messages", "refused")
+_MAXIMA = ("high_water", "rss_mb", "rss_peak_mb")
+
+
+def combine(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One setting's runs as one row: the median of its rates and latencies (the middle run
+    for three, a noisy machine's outlier left out), the sum of its counts (one overflow in
+    any run counts), the highest high water and memory; every run kept under `runs`.
+
+    Raises ValueError without runs."""
+    if not runs:
+        raise ValueError("a setting needs at least one run")
+    first = runs[0]
+    row: dict[str, Any] = {key: first[key] for key in ("size", "policy", "mailbox")}
+    row["repeats"] = len(runs)
+    for key in _SUMS:
+        row[key] = sum(run[key] for run in runs)
+    for key in _MEDIANS:
+        values = [run[key] for run in runs if run[key] is not None]
+        row[key] = statistics.median(values) if values else None
+    for key in _MAXIMA:
+        values = [run[key] for run in runs if run[key] is not None]
+        row[key] = max(values) if values else None
+    refused: Counter[str] = Counter()
+    for run in runs:
+        refused.update(run["refused_by_code"])
+    row["refused_by_code"] = dict(refused)
+    row["runs"] = [
+        {key: run[key] for key in (*_MEDIANS, "seconds", "high_water", "overflows", "refused")}
+        for run in runs
+    ]
+    return row
 
 
 # --- the recommendation ---------------------------------------------------------------------
@@ -392,12 +438,29 @@ def figures(result: dict[str, Any]) -> dict[str, Figure]:
                 marker="o",
                 label=f"policy {policy}" if policy != NO_POLICY else "no policy",
             )
+        overflowed = [row for row in rows if row["overflows"] or row["refused"]]
+        if overflowed:
+            axes.scatter(
+                [row["size"] for row in overflowed],
+                [row[key] for row in overflowed],
+                s=160,
+                facecolors="none",
+                edgecolors="red",
+                label="overflowed or refused calls",
+                zorder=3,
+            )
         if key == "task_p99_ms":
             axes.axhline(
                 result["rule"]["p99_bound_ms"], color="grey", linestyle=":", label="p99 bound"
             )
         axes.set_xscale("log", base=2)
-        axes.set_ylim(bottom=0)
+        sizes = sorted({row["size"] for row in rows})
+        axes.set_xticks(sizes, [f"{size:,}" for size in sizes])
+        axes.minorticks_off()
+        highest = max([row[key] for row in rows] + [0.0])
+        if key == "task_p99_ms":
+            highest = max(highest, result["rule"]["p99_bound_ms"])
+        axes.set_ylim(0, highest * 1.15 or 1.0)
         axes.set(
             xlabel=size_label,
             ylabel=ylabel,
@@ -474,6 +537,9 @@ def _parser() -> argparse.ArgumentParser:
         help="db_insert_batch_max_len: records per Ingest message (the broker's default: 256)",
     )
     parser.add_argument("--max-seconds", type=float, default=_DEFAULT_LOAD.max_seconds)
+    parser.add_argument(
+        "--repeats", type=int, default=_DEFAULT_LOAD.repeats, help="runs per setting (median)"
+    )
     parser.add_argument("--within", type=float, default=DEFAULT_WITHIN)
     parser.add_argument("--p99-bound-ms", type=float, default=DEFAULT_P99_BOUND_MS)
     parser.add_argument("--json", type=Path, help="write the result to this file")
@@ -484,7 +550,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _row_line(row: dict[str, Any]) -> str:
     return (
-        f"{_name(row)}: {row['tasks_per_s']:,.0f} tasks/s, p99 {row['task_p99_ms']:,.1f} ms, "
+        f"{_name(row)} ({row['repeats']} runs): {row['tasks_per_s']:,.0f} tasks/s, "
+        f"p99 {row['task_p99_ms']:,.1f} ms, "
         f"{row['mailbox']} high water {row['high_water']}, {row['overflows']} overflows, "
         f"{row['refused']} refused, {row['lost']} not complete"
     )
@@ -506,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             kind=kind,
             ingest_batch=args.ingest_batch,
             max_seconds=args.max_seconds,
+            repeats=args.repeats,
         )
         rule = Rule(args.within, args.p99_bound_ms)
     except ValueError as error:

@@ -26,6 +26,7 @@ def _row(size: int, policy: str = "block", **changes: Any) -> dict[str, Any]:
         "completed": 1000,
         "lost": 0,
         "duplicates": 0,
+        "seconds": 1.0,
         "tasks_per_s": 10_000.0,
         "task_p50_ms": 5.0,
         "task_p99_ms": 20.0,
@@ -34,6 +35,8 @@ def _row(size: int, policy: str = "block", **changes: Any) -> dict[str, Any]:
         "overflows": 0,
         "wait_p99_ms": 1.0,
         "rss_mb": 60.0,
+        "rss_peak_mb": 61.0,
+        "mailbox_messages": 100,
         "refused": 0,
         "refused_by_code": {},
     }
@@ -123,6 +126,31 @@ def test_no_rows_and_bad_rules_are_said_plainly() -> None:
         Rule(p99_bound_ms=0.0)
 
 
+def test_a_settings_runs_combine_into_medians_sums_and_maxima() -> None:
+    runs = [
+        _row(64, tasks_per_s=9_000.0, task_p99_ms=30.0, high_water=40, wait_p99_ms=None,
+             seconds=2.0, rss_mb=70.0, rss_peak_mb=75.0),
+        _row(64, tasks_per_s=3_000.0, task_p99_ms=90.0, high_water=64, overflows=5, refused=2,
+             refused_by_code={"RESOURCE_EXHAUSTED": 2}, wait_p99_ms=4.0, seconds=6.0,
+             rss_mb=80.0, rss_peak_mb=85.0),
+        _row(64, tasks_per_s=10_000.0, task_p99_ms=20.0, high_water=50, wait_p99_ms=2.0,
+             refused=1, refused_by_code={"RESOURCE_EXHAUSTED": 1}, seconds=2.0, rss_mb=65.0,
+             rss_peak_mb=70.0),
+    ]  # fmt: skip
+    row = sweep.combine(runs)
+    assert (row["size"], row["policy"], row["repeats"]) == (64, "block", 3)
+    assert (row["tasks_per_s"], row["task_p99_ms"]) == (9_000.0, 30.0)
+    assert row["wait_p99_ms"] == 3.0  # the runs that measured it
+    assert (row["tasks"], row["completed"], row["overflows"], row["refused"]) == (3000, 3000, 5, 3)
+    assert row["refused_by_code"] == {"RESOURCE_EXHAUSTED": 3}
+    assert (row["high_water"], row["rss_mb"], row["rss_peak_mb"]) == (64, 80.0, 85.0)
+    assert [run["seconds"] for run in row["runs"]] == [2.0, 6.0, 2.0]
+    # One overflowing run of three keeps the setting from being recommended.
+    assert recommend([row, _row(256)], RULE).size == 256
+    with pytest.raises(ValueError, match="at least one run"):
+        sweep.combine([])
+
+
 # --- the knobs and the command line ---------------------------------------------------------
 
 
@@ -193,6 +221,7 @@ def test_a_short_sweep_measures_every_setting_and_recommends_from_its_own_table(
             "--workers", "32",
             "--processes", "1",
             "--max-seconds", "60",
+            "--repeats", "1",
             "--json", str(tmp_path / "sweep.json"),
             "--plots", str(tmp_path),
         ]
