@@ -100,6 +100,8 @@ _WARM_UP_TASKS = 5
 _WARM_UP_TIMEOUT_S = 90.0
 _DRAIN_ALLOWANCE_S = 240.0
 _RESTART_ALLOWANCE_S = 20.0
+_EXPECTED_RESTART_S = 9.0
+_EXPECTED_RECOVERY_S = 6.0
 _JOIN_TIMEOUT_S = 120.0
 _KAFKA_TIMEOUT_S = 10.0
 _AUDIT_TIMEOUT_S = 120.0
@@ -120,7 +122,7 @@ _RECOVERY_POLL_S = 0.5
 @dataclass(frozen=True, slots=True)
 class ChaosOptions:
     tasks: int = 100_000
-    rate: float = 500.0
+    rate: float = 150.0
     """Activations produced per second: the run's length is tasks / rate."""
     kills: int = 20
     aimed_kills: int = 10
@@ -166,6 +168,26 @@ class ChaosOptions:
     @property
     def production_s(self) -> float:
         return self.tasks / self.rate
+
+    @property
+    def expected_fault_s(self) -> float:
+        """About how long the faults take, restarts, bursts and recoveries included."""
+        overhead = {
+            KAFKA_UNREACHABLE: BURST_DELAY_S + _EXPECTED_RECOVERY_S,
+            RETRY_PRODUCER_FAILING: BURST_DELAY_S + _EXPECTED_RECOVERY_S,
+        }
+        windows = sum(
+            seconds + overhead.get(kind, _EXPECTED_RECOVERY_S)
+            for kind, seconds in self.windows.items()
+        )
+        return self.kills * _EXPECTED_RESTART_S + windows
+
+    @property
+    def plan_span_s(self) -> float:
+        """The span the faults are planned over, on a clock without them: the production
+        less the faults' expected time, so that they fall while tasks are produced, but
+        at least half the production."""
+        return max(self.production_s - self.expected_fault_s, self.production_s / 2)
 
     @property
     def time_limit_s(self) -> float:
@@ -277,17 +299,19 @@ class FaultRunner:
 
     def __call__(self, stop: threading.Event) -> None:
         started = time.monotonic()
-        # The plan leaves the window faults' lengths out (`chaos_faults.plan`): each one
-        # moves what follows it back by its length.
+        # The plan is on a clock without the faults (`ChaosOptions.plan_span_s`): each one
+        # moves what follows it back by the time it really took, restarts included, so
+        # that the broker runs at least `gap_s` between two faults.
         shift_s = 0.0
         try:
             for planned in self._planned:
                 if stop.wait(max(0.0, started + shift_s + planned.at_s - time.monotonic())):
                     return
-                shift_s += planned.duration_s
                 record = Applied(planned.kind, planned.at_s)
                 self.applied.append(record)
+                began = time.monotonic()
                 self._apply(planned, record, stop)
+                shift_s += time.monotonic() - began
                 print(_fault_line(record), file=sys.stderr, flush=True)
         except Exception as error:
             self.error = f"{type(error).__name__}: {error}"
@@ -647,7 +671,7 @@ def run(options: ChaosOptions, command: str = "") -> dict[str, Any]:
     topic = f"chaos-{uuid.uuid4().hex[:8]}"
     spec = TaskSpec(param_bytes=256, processing_deadline_s=options.deadline_s, max_attempts=2)
     planned = plan(
-        production_s=options.production_s,
+        production_s=options.plan_span_s,
         kills=options.kills,
         aimed_kills=options.aimed_kills,
         windows=options.windows,
@@ -921,7 +945,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tasks, --rate, --workers and --processes must be positive")
     try:
         plan(
-            production_s=options.production_s,
+            production_s=options.plan_span_s,
             kills=options.kills,
             aimed_kills=options.aimed_kills,
             windows=options.windows,

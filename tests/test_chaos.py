@@ -287,7 +287,7 @@ def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
     json_path, html_path = tmp_path / "chaos.json", tmp_path / "chaos.html"
     exit_code = chaos.main(
         [
-            "--tasks", "2000", "--rate", "100", "--kills", "2", "--aimed-kills", "1",
+            "--tasks", "2000", "--rate", "40", "--kills", "2", "--aimed-kills", "1",
             "--kafka-stop-s", "5", "--retry-stop-s", "5", "--disk-full-s", "4", "--lock-s", "3",
             "--gap-s", "2", "--disk-mb", "64", "--workers", "16", "--session-timeout-ms", "3000",
             "--json", str(json_path), "--html", str(html_path),
