@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import pykka
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -63,6 +63,9 @@ MIN_ADMIN_TOKEN_CHARS: Final = 16
 StatusDocument = dict[str, Any]
 Section = Callable[[], Mapping[str, Any]]
 """A provider of one more section of the status document (see `OpsEndpoint.add_section`)."""
+Action = Callable[[bytes, str], tuple[HTTPStatus, bytes]]
+"""An admin action (see `OpsEndpoint.add_action`): the request body and the caller's address
+in, a status and a JSON body out. The admin token was checked before it is called."""
 
 
 def admin_token(token: str, token_file: str) -> str | None:
@@ -356,6 +359,7 @@ class OpsServer:
             raise ConfigError(
                 f"metrics_port: cannot listen on {host}:{port}: {error.strerror or error}"
             ) from None
+        self._server.actions = {}
         self._host = host
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="ops-http"
@@ -369,6 +373,11 @@ class OpsServer:
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
+
+    def add_action(self, path: str, action: Action) -> None:
+        if path in _READ_PATHS or path in self._server.actions:
+            raise ValueError(f"the ops port has a route {path!r} already")
+        self._server.actions[path] = action
 
     @property
     def url(self) -> str:
@@ -459,6 +468,11 @@ class OpsEndpoint:
             raise ValueError(f"the status document has a section {name!r} already")
         self._sections[name] = provide
 
+    def add_action(self, path: str, action: Action) -> None:
+        """An admin action: a POST to `path` with the admin token calls `action`."""
+        if self.server is not None:
+            self.server.add_action(path, action)
+
     def start(self) -> None:
         if self.server is not None:
             self.server.start()
@@ -475,6 +489,8 @@ class OpsEndpoint:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a slow client must not hold the process at exit
     allow_reuse_address = True  # a restart must not wait out TIME_WAIT on the port
+    actions: dict[str, Action]
+    """POST paths to their admin actions (`OpsEndpoint.add_action`)."""
 
 
 class _IPv6Server(_Server):
@@ -519,6 +535,12 @@ def _handler_class(
             if not self._admitted():
                 return
             path = self.path.split("?", 1)[0]
+            action = cast(_Server, self.server).actions.get(path)
+            if action is not None and self.command == "POST":
+                length = int(self.headers.get("Content-Length") or 0)
+                code, body = action(self.rfile.read(length), self.client_address[0])
+                self._send(code, _JSON, body)
+                return
             if path in _READ_PATHS:
                 self._send(HTTPStatus.METHOD_NOT_ALLOWED, _TEXT, b"read only\n", allow="GET, HEAD")
             else:
