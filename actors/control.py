@@ -30,6 +30,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol, cast, get_args
 
+from actors.config import Config
 from actors.errors import ConfigError
 from actors.runtime_rules import (
     KillswitchEntry,
@@ -274,6 +275,26 @@ class Controls:
             # At startup a bad file has no previous rules to keep: the broker refuses to start.
             self._file = self._read_file(rules_path)
         self._effective = self._combine(self._file.rules, self._actions)
+
+    @classmethod
+    def of(
+        cls,
+        config: Config,
+        *,
+        apply: Callable[[RuntimeRules], None],
+        observer: RulesObserver | None = None,
+    ) -> Controls:
+        """The controls of the broker `config` describes; ConfigError for a rules file or a
+        control actions file that does not read."""
+        path = config.runtime_config_path
+        return cls(
+            rules_path=Path(path) if path else None,
+            control_file=ControlFile(controls_path(Path(config.db_path))),
+            consumed_topics=(config.kafka_topic,),
+            apply=apply,
+            check_interval_s=config.runtime_config_check_interval_ms / 1000,
+            observer=observer,
+        )
 
     def __repr__(self) -> str:
         return (

@@ -29,9 +29,11 @@ from typing import Any
 
 import pykka
 import pykka.debug
+from prometheus_client import CollectorRegistry
 
 from actors.config import Config, DeliveryMode, OpsStatusAuth, StoreMode
 from actors.consumer import BatchLimits, ConsumerConfig, KafkaConsumer, KafkaSilence
+from actors.control import CONTROL_PATH, Controls
 from actors.direct import DirectStore, SqliteDirectState, SqliteDirectStateClient
 from actors.embedded_kafka import (
     EMBEDDED_KAFKA_HOST,
@@ -43,17 +45,19 @@ from actors.embedded_kafka import (
 from actors.errors import ActorUnavailable, BrokerError, ConfigError, StoreError
 from actors.frontend import FrontendConfig, GrpcFrontend
 from actors.messages import (
+    ApplyRules,
     Connect,
     Drain,
     LoadAndRestore,
     ReloadTls,
     StopConsuming,
 )
-from actors.metrics import FirstClaimMetrics
+from actors.metrics import FirstClaimMetrics, RuntimeRuleMetrics
 from actors.ops_http import BrokerFacts, OpsAccess, OpsEndpoint, admin_token
 from actors.producer import KafkaProducer, ProducerConfig
 from actors.pusher import Pusher, PusherConfig
 from actors.runtime import ask, tell_if_alive
+from actors.runtime_rules import RuntimeRules
 from actors.state import StateActor, StateConfig
 from actors.state_client import BlockingStateClient
 from actors.statemachine import Limits
@@ -87,6 +91,9 @@ class _Relay:
         if self.target is not None:
             self.target.tell(message)
 
+    def apply_rules(self, rules: RuntimeRules) -> None:
+        self.tell(ApplyRules(rules))
+
 
 @dataclass
 class Broker:
@@ -101,6 +108,8 @@ class Broker:
     """Set at the consumer's first partition assignment; readiness waits for it."""
     embedded_kafka: EmbeddedKafka | None = None
     ops: OpsEndpoint | None = None
+    controls: Controls | None = None
+    """The incident controls (memory store mode only)."""
 
     def ref(self, name: str) -> pykka.ActorRef[Any]:
         return dict(self.actors)[name]
@@ -174,6 +183,12 @@ class Supervisor:
         frontend = None if broker is None else dict(broker.actors).get("frontend")
         if frontend is not None:
             tell_if_alive(frontend, ReloadTls())
+
+    def reload_rules(self) -> None:
+        """Has the incident controls re-read the runtime rules file (what SIGHUP does too)."""
+        broker = self._broker
+        if broker is not None and broker.controls is not None:
+            broker.controls.reload("SIGHUP")
 
     @property
     def broker(self) -> Broker | None:
@@ -283,6 +298,7 @@ class Supervisor:
             ops.snapshots.watch(state=state, writer=writer)
             state_client = SqliteDirectStateClient(store)
         else:
+            controls, rules_to_state, rule_metrics = _build_controls(config, metrics.registry)
             state = StateActor.start(
                 StateConfig(
                     limits=limits,
@@ -292,9 +308,12 @@ class Supervisor:
                 mailboxes.state.to_runtime(),
                 observer=metrics.mailbox,
                 claim_observer=FirstClaimMetrics(metrics.registry, config.metrics_max_task_names),
+                rules=controls.rules,
+                rule_observer=rule_metrics,
             )
             broker.actors.append(("state", state))
             ops.snapshots.watch(state=state)
+            _serve_controls(broker, ops, controls, rules_to_state, state)
 
             writer = SqliteWriter.start(
                 WriterConfig(
@@ -472,6 +491,8 @@ class Supervisor:
     def stop(self, broker: Broker) -> None:
         """Stop in reverse order; every step bounded, every step attempted."""
         deadline = time.monotonic() + self._config.shutdown_timeout_ms / 1000
+        if broker.controls is not None:
+            broker.controls.stop()
         if broker.health is not None:
             broker.health.set_ready(False)
             broker.health.stop()
@@ -511,8 +532,9 @@ class Supervisor:
             pykka.debug.log_thread_tracebacks()
 
         def reload(_signum: int, _frame: FrameType | None) -> None:
-            logger.info("SIGHUP received: reloading the gRPC TLS certificates")
+            logger.info("SIGHUP received: reloading the gRPC TLS certificates and runtime rules")
             self.reload_tls()
+            self.reload_rules()
 
         previous = {
             signal.SIGTERM: signal.signal(signal.SIGTERM, stop),
@@ -525,6 +547,29 @@ class Supervisor:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+
+def _build_controls(
+    config: Config, registry: CollectorRegistry
+) -> tuple[Controls, _Relay, RuntimeRuleMetrics]:
+    """The incident controls, their metrics, and the relay that tells the state their
+    changes once it exists."""
+    rule_metrics = RuntimeRuleMetrics(registry)
+    rules_to_state = _Relay()
+    controls = Controls.of(config, apply=rules_to_state.apply_rules, observer=rule_metrics)
+    return controls, rules_to_state, rule_metrics
+
+
+def _serve_controls(
+    broker: Broker, ops: OpsEndpoint, controls: Controls, rules_to_state: _Relay, state: Any
+) -> None:
+    """Open the incident controls once the state is there: no change of the rules can fall
+    between the rules the state started with and the state being there to tell."""
+    rules_to_state.target = state
+    broker.controls = controls
+    ops.add_section("runtime_rules", controls.document)
+    ops.add_action(CONTROL_PATH, controls.handle_post)
+    controls.start()
 
 
 def _tls_files(config: Config) -> TlsFiles | None:
