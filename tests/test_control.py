@@ -7,14 +7,33 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pykka
 import pytest
 
+from actors.activation import decode_record, encode_activation
 from actors.control import ControlFile, Controls, controls_path
+from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.errors import ConfigError
+from actors.messages import Claim, Ingest, Stats
+from actors.producer import KafkaProducer, ProducerConfig
+from actors.records import KafkaOffset, Status
+from actors.runtime import MailboxConfig
 from actors.runtime_rules import RuntimeRules, killswitch_entry
+from actors.state import StateActor, StateConfig
+from actors.upkeep import Upkeep, UpkeepConfig
+from tests.broker_process import wait_for
+from tests.kafka_support import read_values
+
+if TYPE_CHECKING:
+    from tests.conftest import TopicFactory
+
+TIMEOUT_S = 10.0
 
 
 class Applied:
@@ -199,3 +218,84 @@ def test_an_unreadable_control_file_refuses_to_start(tmp_path: Path) -> None:
     controls_path(tmp_path / "broker.sqlite").write_text("{")
     with pytest.raises(ConfigError, match=r"control actions .*broker\.sqlite\.controls\.json"):
         controls(tmp_path, Applied(), with_file=False)
+
+
+# --- the watcher thread ---------------------------------------------------------------
+
+
+def test_the_watcher_reloads_a_changed_file_by_itself(tmp_path: Path) -> None:
+    rules_file = tmp_path / "rules.yaml"
+    write(rules_file, "paused_namespaces: [a]\n")
+    applied = Applied()
+    source = Controls(
+        rules_path=rules_file,
+        control_file=ControlFile(controls_path(tmp_path / "broker.sqlite")),
+        consumed_topics=["taskworker"],
+        apply=applied,
+        check_interval_s=0.05,
+    )
+    source.start()
+    try:
+        write(rules_file, "paused_namespaces: [b]\n")
+        wait_for(lambda: bool(applied.rules), 10.0, "the watcher to reload the file")
+        assert applied.rules[-1].paused_namespaces == {"b"}
+    finally:
+        source.stop()
+
+
+# --- demotion through upkeep, against Kafka -------------------------------------------
+
+
+@pytest.fixture
+def actors() -> Iterator[None]:
+    yield
+    pykka.ActorRegistry.stop_all(timeout=TIMEOUT_S)
+
+
+def demoting_state(topic: str) -> tuple[pykka.ActorRef[StateActor], bytes]:
+    """A state actor demoting namespace "noisy" to `topic`, holding one such activation."""
+    rules = RuntimeRules(demoted_namespaces=frozenset({"noisy"}), demoted_topic=topic)
+    state = StateActor.start(StateConfig(), MailboxConfig(), rules=rules)
+    value = encode_activation(activation_id="n1", namespace="noisy", kwargs={"k": [1, 2]})
+    record = decode_record(value, 0, 0, time.time(), max_delay_s=3600)
+    state.tell(Ingest((record,), (KafkaOffset(record.partition, record.offset),)))
+    return state, value
+
+
+def start_upkeep(state: pykka.ActorRef[StateActor], bootstrap: str) -> pykka.ActorRef[Upkeep]:
+    config = UpkeepConfig(
+        retry_topic="unused", deadletter_topic="unused", interval_ms=100, produce_timeout_ms=300
+    )
+    producer = KafkaProducer(ProducerConfig(bootstrap, delivery_timeout_ms=300))
+    return Upkeep.start(config, state=state, producer=producer)
+
+
+def demoted_count(state: pykka.ActorRef[StateActor]) -> int:
+    stats = state.ask(Stats(), block=True, timeout=TIMEOUT_S)
+    return int(stats.by_status[Status.DEMOTED])
+
+
+@pytest.mark.kafka
+@pytest.mark.usefixtures("actors")
+def test_a_demoted_task_is_forwarded_unchanged_and_then_removed(
+    kafka: EmbeddedKafka, kafka_topics: TopicFactory
+) -> None:
+    demoted_topic, _ = kafka_topics()
+    state, original = demoting_state(demoted_topic)
+    assert state.ask(Claim(), block=True, timeout=TIMEOUT_S) is None
+    start_upkeep(state, kafka.bootstrap)
+    wait_for(lambda: demoted_count(state) == 0, 20.0, "the forward to be acknowledged")
+    assert read_values(kafka.bootstrap, demoted_topic, count=1) == [(original, [])]
+    stats = state.ask(Stats(), block=True, timeout=TIMEOUT_S)
+    assert stats.demoted_forwarded == 1
+
+
+@pytest.mark.usefixtures("actors")
+def test_a_demote_whose_produce_fails_keeps_the_task() -> None:
+    state, _ = demoting_state("long")
+    upkeep = start_upkeep(state, f"127.0.0.1:{free_port()}")  # nothing listens there
+    time.sleep(1.5)  # several ticks, every produce fails
+    upkeep.stop(timeout=TIMEOUT_S)
+    assert demoted_count(state) == 1
+    stats = state.ask(Stats(), block=True, timeout=TIMEOUT_S)
+    assert stats.demoted_forwarded == 0
