@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Final
 
 EXECUTABLES: Final = ("chromium", "chromium-browser")
-_INSTALL_TIMEOUT_S: Final = 600.0
+_INSTALL_TIMEOUT_S: Final = 300.0
 _RUN_TIMEOUT_S: Final = 60.0
 SETTLE_MS: Final = 2000
 """Virtual time the page gets before its DOM is read or its picture taken; less than the
