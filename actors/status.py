@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Final
 
+from actors.control import render_rules
 from actors.errors import ConfigError, RecoverableError
 from actors.ops_http import admin_token
 
@@ -93,6 +94,9 @@ def render_table(status: Mapping[str, Any]) -> str:
         sections.append(
             _table(["HEADLINE", "VALUE"], [[k, _number(v)] for k, v in headline.items()])
         )
+    rules = status.get("runtime_rules")
+    if isinstance(rules, dict):
+        sections.append(render_rules(rules).rstrip("\n"))
     ages = status.get("snapshot_age_s", {})
     stale = {name: age for name, age in ages.items() if age > 10}
     if stale:
