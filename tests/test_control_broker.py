@@ -72,6 +72,16 @@ class Operator:
         assert done.returncode == 0, done.stderr
         return done.stdout
 
+    def status_table(self) -> str:
+        """`taskbroker status`'s output."""
+        return subprocess.run(
+            [sys.executable, "-m", "actors.cli", "status", "--url", self.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+
     def status(self) -> dict[str, Any]:
         code, body = http_get(f"{self.url}/status")
         assert code == 200, body
@@ -156,6 +166,23 @@ def broker(args: list[str], log: Path) -> Iterator[BrokerProcess]:
         assert process.stop() == 0, process.log
 
 
+def reload_at_sighup(operator: Operator, process: BrokerProcess, demoted_topic: str) -> None:
+    """A bad file at SIGHUP keeps "held" paused; a good one releases its three tasks."""
+    operator.write_rules("paused_namespaces: [")
+    process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "runtime rules not reloaded (SIGHUP)" in process.log, WAIT_S, "refusal")
+    assert operator.claim_all(0) == []
+    assert operator.status()["runtime_rules"]["file"]["error"] is not None
+    families = scrape(operator.url)
+    failures = "taskbroker_runtime_rules_reload_failures"
+    assert sample(families, failures, f"{failures}_total") == 1
+    assert sample(families, "taskbroker_runtime_rules_file_ok") == 0
+
+    operator.write_rules(f"demoted_topic: {demoted_topic}\n")
+    process.send_signal(signal.SIGHUP)
+    assert operator.claim_all(3) == ["held-0", "held-1", "held-2"], "not oldest first"
+
+
 @pytest.mark.kafka
 def test_incident_controls_end_to_end(
     kafka: EmbeddedKafka, kafka_topics: TopicFactory, tmp_path: Path
@@ -181,25 +208,11 @@ def test_incident_controls_end_to_end(
         wait_for(lambda: operator.pending() == 3, WAIT_S, "the held tasks in /status")
         assert operator.status()["runtime_rules"]["effective"]["paused_namespaces"] == ["held"]
 
-        # A bad file at SIGHUP keeps the rules in force.
-        operator.write_rules("paused_namespaces: [")
-        process.send_signal(signal.SIGHUP)
-        wait_for(lambda: "runtime rules not reloaded (SIGHUP)" in process.log, WAIT_S, "refusal")
-        assert operator.claim_all(0) == []
-        assert operator.status()["runtime_rules"]["file"]["error"] is not None
-        families = scrape(operator.url)
-        failures = "taskbroker_runtime_rules_reload_failures"
-        assert sample(families, failures, f"{failures}_total") == 1
-        assert sample(families, "taskbroker_runtime_rules_file_ok") == 0
-
-        # A good file at SIGHUP: the held tasks go out, oldest first.
-        operator.write_rules(f"demoted_topic: {demoted_topic}\n")
-        process.send_signal(signal.SIGHUP)
-        assert operator.claim_all(3) == ["held-0", "held-1", "held-2"]
+        reload_at_sighup(operator, process, demoted_topic)
 
         # The admin endpoint wants the token.
-        assert post_control(operator.url, None) == 401
-        assert post_control(operator.url, "Bearer wrong-token-wrong-token-wrong") == 401
+        wrong = "Bearer wrong-token-wrong-token-wrong"
+        assert [post_control(operator.url, None), post_control(operator.url, wrong)] == [401, 401]
 
         # Kill and demote what is pending, then what comes.
         doomed = produce(kafka, topic, ("doomed-0", "free", "bad.task"), ("noisy-0", "noisy", "ok"))
@@ -239,6 +252,7 @@ def test_incident_controls_end_to_end(
         shown = operator.control("show")
         assert "paused namespaces:   later" in shown
         assert "control: pause later by tester from 127.0.0.1" in shown
+        assert "paused namespaces:   later" in operator.status_table()
         assert "resumed: pause namespace later" in operator.control(
             "resume", "--namespace", "later"
         )
