@@ -404,8 +404,7 @@ def render_html(
     ]
     for name, section in status.items():
         if name not in KNOWN_SECTIONS and isinstance(section, Mapping):
-            rows = [(label(str(k)), shown(str(k), v)) for k, v in section.items()]
-            body.append(_table(label(name), rows or [("(none)", "")]))
+            body.append(_table(label(name), section_rows(section) or [("(none)", "")]))
     ages = status.get("snapshot_age_s", {})
     body.append(
         _table(
@@ -416,6 +415,19 @@ def render_html(
     )
     body.append("</section>")
     return _PAGE.format(refresh_s=refresh_s, body="\n".join(body))
+
+
+def section_rows(section: Mapping[str, Any], within: str = "") -> list[tuple[str, str]]:
+    """A section's keys and values in words; a mapping in it is spread over rows of its
+    own, named after it ("File — Path"), one level deep."""
+    rows = []
+    for key, value in section.items():
+        name = f"{within}{label(str(key))}"
+        if isinstance(value, Mapping) and value and not within:
+            rows += section_rows(value, within=f"{name} — ")
+        else:
+            rows.append((name, shown(str(key), value)))
+    return rows
 
 
 def _tile(name: str, value: str) -> str:

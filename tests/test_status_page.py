@@ -333,12 +333,21 @@ def test_the_page_says_it_in_words() -> None:
 
 def test_a_section_the_page_does_not_know_is_drawn_as_a_table_in_words() -> None:
     now = 1_800_000_000.0
-    rules = {"killswitch_entries": 2, "paused_namespaces": ["billing", "reports"]}
+    rules = {
+        "killswitch_entries": 2,
+        "paused_namespaces": ["billing", "reports"],
+        "file": {"path": "/etc/taskbroker/rules.json", "loaded_at": now - 60, "error": None},
+    }
     reader = read_page(render_html(status_of(now, runtime_rules=rules)))
     text = reader.text
     assert "Runtime rules" in text
     assert "Killswitch entries" in text
     assert "billing, reports" in text
+    assert "File — Path" in text
+    assert "/etc/taskbroker/rules.json" in text
+    assert "File — Loaded at" in text
+    assert shown("loaded_at", now - 60) in text
+    assert "File — Error" in text
 
 
 def test_the_page_escapes_what_it_shows() -> None:
