@@ -16,6 +16,7 @@ from typing import Any, Final
 from actors.control import render_rules
 from actors.errors import ConfigError, RecoverableError
 from actors.ops_http import admin_token
+from actors.status_page import label, shown
 
 DEFAULT_URL: Final = "http://127.0.0.1:9090"
 TOKEN_ENV: Final = "TASKBROKER_OPS_ADMIN_TOKEN"
@@ -66,6 +67,19 @@ def render_table(status: Mapping[str, Any]) -> str:
     )
     readiness = "ready" if status.get("ready") else "NOT READY"
     sections = [f"taskbroker: {readiness} (at {generated})"]
+    about = _about(status.get("broker") or {}, status.get("headline") or {})
+    rates = status.get("rates") or {}
+    if rates:
+        per_s = ", ".join(
+            f"{label(key).lower()} {shown('', rates.get(key))}"
+            for key in ("ingested_per_s", "claims_per_s", "results_per_s", "flushes_per_s")
+        )
+        about.append(
+            f"per second: {per_s}; flush {shown('_ms', rates.get('flush_ms'))}, "
+            f"Kafka lag {shown('', rates.get('kafka_lag'))}"
+        )
+    if about:
+        sections[0] += "\n" + "\n".join(about)
 
     actor_rows = []
     for actor in status.get("actors", []):
@@ -92,7 +106,7 @@ def render_table(status: Mapping[str, Any]) -> str:
     headline = status.get("headline", {})
     if headline:
         sections.append(
-            _table(["HEADLINE", "VALUE"], [[k, _number(v)] for k, v in headline.items()])
+            _table(["NOW", "VALUE"], [[label(k), shown(k, v)] for k, v in headline.items()])
         )
     rules = status.get("runtime_rules")
     if isinstance(rules, dict):
@@ -114,12 +128,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     )
 
 
-def _number(value: object) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.1f}"
-    return str(value)
+def _about(broker: Mapping[str, Any], headline: Mapping[str, Any]) -> list[str]:
+    """The broker's own facts in two lines; none when the broker did not send them."""
+    if not broker:
+        return []
+    database = str(broker.get("db_path", "?"))
+    if "store_db_bytes" in headline:
+        database += f" ({shown('_bytes', headline['store_db_bytes'])})"
+    return [
+        f"version {broker.get('version', '?')}, up for {shown('_s', broker.get('uptime_s'))}",
+        f"Kafka {broker.get('kafka_bootstrap', '?')}, topic {broker.get('kafka_topic', '?')}, "
+        f"group {broker.get('kafka_consumer_group', '?')}; database {database}",
+    ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -309,6 +309,35 @@ def test_fetch_status_and_render_the_table(endpoint: Endpoint) -> None:
     assert any(line.split() == ["pending", "0"] for line in lines)
 
 
+def test_the_table_says_the_broker_its_rates_and_its_numbers_in_words() -> None:
+    status = {
+        "ready": True,
+        "generated_at": 1_800_000_000.0,
+        "actors": [],
+        "counts_by_status": {"pending": 3},
+        "headline": {"store_db_bytes": 3 * 1024 * 1024, "flush_outstanding": False},
+        "broker": {
+            "version": "1.2.3",
+            "uptime_s": 3725.0,
+            "kafka_bootstrap": "kafka:9092",
+            "kafka_topic": "tasks",
+            "kafka_consumer_group": "brokers",
+            "db_path": "/data/inflight.sqlite",
+        },
+        "rates": {"ingested_per_s": 1500.0, "claims_per_s": 12.5, "flush_ms": 2.5},
+    }
+    table = render_table(status)
+    assert "version 1.2.3, up for 1 h 02 min" in table
+    assert "Kafka kafka:9092, topic tasks, group brokers" in table
+    assert "database /data/inflight.sqlite (3.0 MiB)" in table
+    assert "per second: ingested 1,500, claims 12.5, results —, flushes —" in table
+    assert "flush 2.50 ms" in table
+    rows = {line.split("  ")[0]: line.split()[-1] for line in table.splitlines()}
+    assert rows["Database size"] == "MiB"
+    assert rows["Flush with the writer now"] == "no"
+    assert "store_db_bytes" not in table
+
+
 def test_main_status_prints_the_table_or_json(
     endpoint: Endpoint, capsys: pytest.CaptureFixture[str]
 ) -> None:
