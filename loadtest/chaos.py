@@ -110,6 +110,7 @@ _CHUNK_S = 2.0
 """The producer sends a chunk of tasks every this many seconds (each chunk is a new
 producer that waits for its acknowledgements: about a second)."""
 _INGESTED = "taskbroker_kafka_activations_ingested_total"
+_COMMITTED = "taskbroker_kafka_committed_offset"
 BURST_DELAY_S = 12
 """Longer than producing a burst and its ingest take, so that it is still held back when
 the fault starts."""
@@ -346,7 +347,13 @@ class FaultRunner:
         record.start_wall = time.time()
         self._broker.cluster.kill(0)
         record.applied = True
-        self.kills.append(KillExposure(record.start_wall, window, self._broker.life_start_wall))
+        committed = {
+            int(partition): int(offset)
+            for partition, offset in samples_by_label(text, _COMMITTED, "partition").items()
+        }
+        self.kills.append(
+            KillExposure(record.start_wall, window, self._broker.life_start_wall, committed)
+        )
         self._broker.cluster.restart(0)
         record.end_wall = self._broker.life_start_wall = time.time()
         record.details = {
@@ -355,6 +362,7 @@ class FaultRunner:
             "longest_flush_s": longest,
             "exposure_window_s": round(window, 3),
             "restart_s": round(record.end_wall - record.start_wall, 2),
+            "committed_offsets": committed,
         }
 
     def _sample_for(self, record: Applied, seconds: float, stop: threading.Event) -> None:
@@ -525,9 +533,11 @@ def _progress(total: int) -> Callable[[Any], None]:
     return show
 
 
-def copies_in_kafka(bootstrap: str, topic: str, partitions: int) -> Counter[str]:
-    """How many times each activation id is in `topic`, read from the start to the end
-    each partition has now."""
+def positions_in_kafka(
+    bootstrap: str, topic: str, partitions: int
+) -> dict[str, list[tuple[int, int]]]:
+    """Where each activation id is in `topic`: (partition, offset) of every copy, read
+    from the start to the end each partition has now."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -535,7 +545,7 @@ def copies_in_kafka(bootstrap: str, topic: str, partitions: int) -> Counter[str]
             "enable.auto.commit": False,
         }
     )
-    counts: Counter[str] = Counter()
+    found: dict[str, list[tuple[int, int]]] = {}
     try:
         ends: dict[int, int] = {}
         for number in range(partitions):
@@ -551,12 +561,13 @@ def copies_in_kafka(bootstrap: str, topic: str, partitions: int) -> Counter[str]
                 partition, offset, value = message.partition(), message.offset(), message.value()
                 if partition is None or offset is None or value is None or message.error():
                     continue
-                counts[pb.TaskActivation.FromString(value).id] += 1
+                task_id = pb.TaskActivation.FromString(value).id
+                found.setdefault(task_id, []).append((partition, offset))
                 if offset + 1 >= ends.get(partition, 0):
                     ends.pop(partition, None)
     finally:
         consumer.close()
-    return counts
+    return found
 
 
 def _resume_kafka(kafka: EmbeddedKafka) -> None:
@@ -749,7 +760,7 @@ def run(options: ChaosOptions, command: str = "") -> dict[str, Any]:
             except Exception as error:
                 errors.append(f"{background!r}: {type(error).__name__}: {error}")
         final = broker.sample()
-        copies = copies_in_kafka(kafka.bootstrap, topic, options.partitions)
+        positions = positions_in_kafka(kafka.bootstrap, topic, options.partitions)
         log_tail = tail(cluster.slots[0].workdir / "broker.log", _LOG_TAIL_LINES)
     return summarize(
         options,
@@ -761,7 +772,7 @@ def run(options: ChaosOptions, command: str = "") -> dict[str, Any]:
         drained_wall=drained[0] if drained else None,
         errors=errors,
         final=final,
-        copies=copies,
+        positions=positions,
         log_tail=log_tail,
         disk=disk,
         command=command,
@@ -779,7 +790,7 @@ def summarize(
     drained_wall: float | None,
     errors: list[str],
     final: dict[str, Any],
-    copies: Counter[str],
+    positions: dict[str, list[tuple[int, int]]],
     log_tail: str,
     disk: SmallDisk,
     command: str,
@@ -792,7 +803,7 @@ def summarize(
         report.retried,
     )
     accounting = account(ids, executions)
-    bound = duplicate_bound(executions, faults.kills, accounting["duplicated_ids"], copies)
+    bound = duplicate_bound(executions, faults.kills, accounting["duplicated_ids"], positions)
     times, latencies = sorted_completions(report.completed_wall, report.task_latencies_ms)
     retried_times = sorted(
         at

@@ -12,9 +12,15 @@ durable: claims and results since the last committed flush. Those tasks may be h
 again. A change waits at most one flush interval to be taken into a flush, and at most one
 flush that is already with the writer, then its own flush commits it: it is durable at
 most `flush_interval + 2 * longest flush` after it was made (`exposure_window_s`). So kill
-k can duplicate only tasks that a worker received or had acknowledged in the window
-before it, or held, received and not yet acknowledged, when the broker died
-(`exposed_ids`).
+k can duplicate tasks that a worker received or had acknowledged in the window before
+it, or held, received and not yet acknowledged, when the broker died. And one more kind:
+a message whose offset the group had not yet committed is consumed again by the
+restarted broker, and if its task had finished meanwhile (finished tasks leave memory and
+the file), it runs again. In steady state commits trail the flushes closely, but while
+Kafka, the disk or the lock holds them back the uncommitted range grows; so kill k also
+exposes every task executed before it whose message lies at or past its partition's
+committed offset as the broker last reported it (`exposed_ids`; the positions come from
+reading the topic back at the end).
 
 A second source needs no kill: an activation that is in Kafka twice. Upkeep produces a
 retry again when Kafka did not acknowledge it in time, and a produce that timed out may
@@ -35,7 +41,7 @@ import io
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from matplotlib.figure import Figure
@@ -108,54 +114,60 @@ def longest_flush_s(buckets: Mapping[float, float], fallback_s: float) -> float:
     return highest
 
 
-def exposed_ids(
-    executions: Executions, kill_wall: float, window_s: float, life_start: float
-) -> set[str]:
-    """Tasks kill at `kill_wall` may execute again: received or acknowledged within
-    `window_s` before it, or received in that broker life and not acknowledged by then."""
-    start, end = kill_wall - window_s, kill_wall + KILL_SLACK_S
-    exposed = {
-        task_id
-        for task_id, at in zip(executions.received, executions.received_wall, strict=True)
-        if start <= at <= end
-    }
-    exposed |= {
-        task_id
-        for task_id, at in zip(executions.completed, executions.completed_wall, strict=True)
-        if start <= at <= end
-    }
-    acknowledged_before = {
-        task_id
-        for task_id, at in zip(executions.completed, executions.completed_wall, strict=True)
-        if at <= kill_wall
-    }
-    exposed |= {
-        task_id
-        for task_id, at in zip(executions.received, executions.received_wall, strict=True)
-        if life_start <= at <= kill_wall and task_id not in acknowledged_before
-    }
-    return exposed
-
-
 @dataclass(frozen=True, slots=True)
 class KillExposure:
     at_wall: float
     window_s: float
+    """`exposure_window_s` as of the kill."""
     life_start_wall: float
+    """When the broker killed had come up."""
+    committed: Mapping[int, int] = field(default_factory=dict)
+    """The group's committed offset of each partition as the broker last reported it before
+    the kill: where its successor starts reading. A partition it did not report counts as
+    nothing committed."""
+
+
+Positions = Mapping[str, Sequence[tuple[int, int]]]
+"""Where each activation id is in Kafka: (partition, offset) of every copy."""
+
+
+def exposed_ids(executions: Executions, kill: KillExposure, positions: Positions) -> set[str]:
+    """Tasks the kill may execute again (see the module docstring): received or
+    acknowledged within its window, received in that broker life and not acknowledged,
+    or executed before it from a message at or past its partition's committed offset."""
+    start, end = kill.at_wall - kill.window_s, kill.at_wall + KILL_SLACK_S
+    received = list(zip(executions.received, executions.received_wall, strict=True))
+    completed = list(zip(executions.completed, executions.completed_wall, strict=True))
+    exposed = {task_id for task_id, at in received if start <= at <= end}
+    exposed |= {task_id for task_id, at in completed if start <= at <= end}
+    acknowledged_before = {task_id for task_id, at in completed if at <= kill.at_wall}
+    exposed |= {
+        task_id
+        for task_id, at in received
+        if kill.life_start_wall <= at <= kill.at_wall and task_id not in acknowledged_before
+    }
+    executed_before = {task_id for task_id, at in received if at <= end}
+    exposed |= {
+        task_id
+        for task_id in executed_before
+        if any(
+            offset >= kill.committed.get(partition, 0)
+            for partition, offset in positions.get(task_id, ())
+        )
+    }
+    return exposed
 
 
 def duplicate_bound(
     executions: Executions,
     kills: Sequence[KillExposure],
     duplicated_ids: Iterable[str],
-    copies_in_kafka: Mapping[str, int],
+    positions: Positions,
 ) -> dict[str, Any]:
-    """The bound the flush window and Kafka's extra copies imply, per kill and in all, and
-    the duplicated tasks neither explains."""
-    per_kill = [
-        exposed_ids(executions, kill.at_wall, kill.window_s, kill.life_start_wall) for kill in kills
-    ]
-    extra = {task_id: count - 1 for task_id, count in copies_in_kafka.items() if count > 1}
+    """The bound the kills and Kafka's extra copies imply, per kill and in all, and the
+    duplicated tasks neither explains."""
+    per_kill = [exposed_ids(executions, kill, positions) for kill in kills]
+    extra = {task_id: len(found) - 1 for task_id, found in positions.items() if len(found) > 1}
     everything: set[str] = set().union(*per_kill) if per_kill else set()
     unexplained = sorted(set(duplicated_ids) - everything - extra.keys())
     return {

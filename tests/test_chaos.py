@@ -107,9 +107,24 @@ def test_a_kill_exposes_recent_changes_and_tasks_held_unacknowledged() -> None:
         received=[("old", 1.0), ("recent", 9.6), ("held", 5.0), ("before-life", 0.5)],
         completed=[("old", 1.1), ("recent", 9.7), ("acked-late", 9.8), ("before-life", 11.5)],
     )
-    exposed = exposed_ids(executions, kill_wall=10.0, window_s=0.5, life_start=0.9)
+    everything_committed = {0: 1_000}
+    positions = {task_id: [(0, n)] for n, task_id in enumerate(["old", "recent", "held"])}
+    kill = KillExposure(10.0, 0.5, 0.9, everything_committed)
     # "before-life" was received before this life began; its answer came after the kill.
-    assert exposed == {"recent", "acked-late", "held"}
+    assert exposed_ids(executions, kill, positions) == {"recent", "acked-late", "held"}
+
+
+def test_a_kill_exposes_finished_tasks_whose_messages_were_not_committed() -> None:
+    executions = _executions(
+        received=[("done-committed", 1.0), ("done-uncommitted", 2.0), ("later", 30.0)],
+        completed=[("done-committed", 1.1), ("done-uncommitted", 2.1), ("later", 30.1)],
+    )
+    positions = {"done-committed": [(0, 4)], "done-uncommitted": [(1, 7)], "later": [(1, 9)]}
+    kill = KillExposure(10.0, 0.5, 0.0, {0: 5, 1: 7})
+    assert exposed_ids(executions, kill, positions) == {"done-uncommitted"}
+    # A partition the broker did not report: nothing known committed there.
+    kill = KillExposure(10.0, 0.5, 0.0, {})
+    assert exposed_ids(executions, kill, positions) == {"done-committed", "done-uncommitted"}
 
 
 def test_the_bound_sums_the_kills_and_names_duplicates_no_kill_explains() -> None:
@@ -117,13 +132,16 @@ def test_the_bound_sums_the_kills_and_names_duplicates_no_kill_explains() -> Non
         received=[("x", 9.8), ("x", 12.0), ("y", 1.0), ("y", 30.0), ("z", 19.9)],
         completed=[("x", 9.9), ("x", 12.1), ("y", 1.1), ("y", 30.1), ("z", 20.0)],
     )
-    kills = [KillExposure(10.0, 0.5, 0.0), KillExposure(20.0, 0.5, 11.0)]
-    result = duplicate_bound(executions, kills, ["x", "y"], {"x": 1, "y": 1, "z": 1})
+    committed = {0: 100, 1: 100}
+    kills = [KillExposure(10.0, 0.5, 0.0, committed), KillExposure(20.0, 0.5, 11.0, committed)]
+    positions = {"x": [(0, 5)], "y": [(0, 6)], "z": [(0, 7)]}
+    result = duplicate_bound(executions, kills, ["x", "y"], positions)
     assert result["per_kill"] == [1, 1]
     assert result["bound"] == 2
     assert result["unexplained_duplicated_ids"] == ["y"]
     # y twice in Kafka: its second execution is explained, and counted in the bound.
-    result = duplicate_bound(executions, kills, ["x", "y"], {"x": 1, "y": 2})
+    positions["y"] = [(0, 6), (1, 3)]
+    result = duplicate_bound(executions, kills, ["x", "y"], positions)
     assert result["bound"] == 3
     assert result["extra_copies_in_kafka"] == 1
     assert result["unexplained_duplicated_ids"] == []
