@@ -18,11 +18,12 @@ import pytest
 
 from actors.embedded_kafka import EmbeddedKafka, free_port
 from actors.producer import KafkaProducer, OutgoingMessage, ProducerConfig
-from actors.records import Status
+from actors.records import OnAttemptsExceeded, Status
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2_grpc as pb_grpc
 from tests.faults_support import (
     NAMESPACE,
+    FaultBroker,
     Worker,
     broker_process,
     committed_offset,
@@ -106,47 +107,60 @@ def _stored_statuses(db_path: Path) -> dict[str, Status]:
     return {task_id: Status(status) for task_id, status in rows}
 
 
+# Each tick waits up to 3 s for Kafka's acknowledgement, three times as long as upkeep may
+# go without a tick before the broker turns unready: a wait on Kafka must not count.
+PRODUCE_SETTINGS = ("kafka_produce_timeout_ms=3000", "upkeep_unhealthy_interval_ms=1000")
+
+
+def _concluded_while_kafka_is_hung(
+    kafka: EmbeddedKafka,
+    broker: FaultBroker,
+    stub: pb_grpc.ConsumerServiceStub,
+    db_path: Path,
+    task_id: str,
+    status: pb.TaskActivationStatus,
+) -> None:
+    """Claimed `task_id` gets `status` while Kafka is hung, so what must replace it cannot
+    be produced: the record stays in memory and on disk, and the broker stays ready."""
+    stays = Status(status)
+    with frozen(kafka):
+        stub.SetTaskStatus(pb.SetTaskStatusRequest(id=task_id, status=status), timeout=5)
+        readiness: list[int] = []
+
+        def failed_twice() -> bool:
+            readiness.append(broker.readyz()[0])
+            failed = broker.counter("taskbroker_upkeep_transitions", kind="produce_failed")
+            return failed >= 2
+
+        wait_until(failed_twice, "upkeep to fail to produce twice")
+        assert set(readiness) == {200}, readiness
+        assert broker.counter("taskbroker_upkeep_transitions", kind="produced") == 0
+        # Not acknowledged, so not gone: in memory and on disk.
+        wait_until(lambda: broker.held(stays.name.lower()) == 1, "the record held")
+        wait_until(
+            lambda: _stored_statuses(db_path) == {task_id: stays},
+            f"the record stored as {stays.name}",
+        )
+        # The broker still answers workers (nothing pending: NOT_FOUND).
+        with pytest.raises(grpc.RpcError) as nothing:
+            stub.GetTask(pb.GetTaskRequest(namespace=NAMESPACE), timeout=5)
+        assert nothing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_a_retry_kafka_does_not_acknowledge_stays_until_it_does_and_runs_once(
     kafka_to_freeze: EmbeddedKafka, tmp_path: Path
 ) -> None:
     kafka = kafka_to_freeze
     topics = new_topics(kafka)
     db_path = tmp_path / "broker.sqlite"
-    # Each tick waits up to 3 s for Kafka's acknowledgement, three times as long as upkeep
-    # may go without a tick before the broker turns unready: a wait on Kafka must not.
-    settings = ("kafka_produce_timeout_ms=3000", "upkeep_unhealthy_interval_ms=1000")
-    with broker_process(kafka, topics, db_path, tmp_path, *settings) as broker:
+    with broker_process(kafka, topics, db_path, tmp_path, *PRODUCE_SETTINGS) as broker:
         [original] = produce(kafka, topics.topic, 1, tag="retried", max_attempts=3)
         with grpc.insecure_channel(broker.grpc_target) as channel:
             stub = pb_grpc.ConsumerServiceStub(channel)
-            task = _claim(stub)
-            assert task.id == original
-
-            with frozen(kafka):
-                stub.SetTaskStatus(
-                    pb.SetTaskStatusRequest(id=original, status=pb.TASK_ACTIVATION_STATUS_RETRY),
-                    timeout=5,
-                )
-                readiness: list[int] = []
-
-                def failed_twice() -> bool:
-                    readiness.append(broker.readyz()[0])
-                    failed = broker.counter("taskbroker_upkeep_transitions", kind="produce_failed")
-                    return failed >= 2
-
-                wait_until(failed_twice, "upkeep to fail to produce the retry twice")
-                assert set(readiness) == {200}, readiness
-                assert broker.counter("taskbroker_upkeep_transitions", kind="produced") == 0
-                # Not acknowledged, so not gone: in memory and on disk.
-                assert broker.held("retry") == 1
-                wait_until(
-                    lambda: _stored_statuses(db_path) == {original: Status.RETRY},
-                    "the original to be stored as RETRY",
-                )
-                # The broker still answers workers (nothing pending: NOT_FOUND).
-                with pytest.raises(grpc.RpcError) as nothing:
-                    stub.GetTask(pb.GetTaskRequest(namespace=NAMESPACE), timeout=5)
-                assert nothing.value.code() == grpc.StatusCode.NOT_FOUND
+            assert _claim(stub).id == original
+            _concluded_while_kafka_is_hung(
+                kafka, broker, stub, db_path, original, pb.TASK_ACTIVATION_STATUS_RETRY
+            )
 
             retry = _claim(stub, timeout_s=60)
             assert retry.id != original
@@ -167,6 +181,38 @@ def test_a_retry_kafka_does_not_acknowledge_stays_until_it_does_and_runs_once(
     # when it woke and its answer went nowhere. That copy has the same id as the one
     # acknowledged later, and the broker ingested it only once (it ran once, above).
     assert 1 <= len(retry_copies) <= 2, f"{len(retry_copies)} copies of the retry in the topic"
+
+
+def test_a_dead_letter_kafka_does_not_acknowledge_stays_until_it_does(
+    kafka_to_freeze: EmbeddedKafka, tmp_path: Path
+) -> None:
+    kafka = kafka_to_freeze
+    topics = new_topics(kafka)
+    db_path = tmp_path / "broker.sqlite"
+    with broker_process(kafka, topics, db_path, tmp_path, *PRODUCE_SETTINGS) as broker:
+        [failed] = produce(
+            kafka,
+            topics.topic,
+            1,
+            tag="dead",
+            on_attempts_exceeded=OnAttemptsExceeded.DEADLETTER,
+        )
+        with grpc.insecure_channel(broker.grpc_target) as channel:
+            stub = pb_grpc.ConsumerServiceStub(channel)
+            assert _claim(stub).id == failed
+            _concluded_while_kafka_is_hung(
+                kafka, broker, stub, db_path, failed, pb.TASK_ACTIVATION_STATUS_FAILURE
+            )
+        wait_until(
+            lambda: _stored_statuses(db_path) == {},
+            "the record gone once Kafka acknowledged its dead letter",
+        )
+        assert broker.counter("taskbroker_upkeep_transitions", kind="produced") == 1
+    dead_letters = read_messages(kafka.bootstrap, topics.dlq, 2, timeout_s=5)
+    # As with a retry, the produce that timed out may have landed as well.
+    assert 1 <= len(dead_letters) <= 2, f"{len(dead_letters)} dead letters"
+    for message in dead_letters:
+        assert pb.TaskActivation.FromString(message.value() or b"").id == failed
 
 
 def _claim(stub: pb_grpc.ConsumerServiceStub, timeout_s: float = 30) -> pb.TaskActivation:
