@@ -332,7 +332,7 @@ def test_the_table_says_the_broker_its_rates_and_its_numbers_in_words() -> None:
     assert "database /data/inflight.sqlite (3.0 MiB)" in table
     assert "per second: ingested 1,500, claims 12.5, results —, flushes —" in table
     assert "flush 2.50 ms" in table
-    rows = {line.split("  ")[0]: line.split()[-1] for line in table.splitlines()}
+    rows = {line.split("  ")[0]: line.split()[-1] for line in table.splitlines() if line}
     assert rows["Database size"] == "MiB"
     assert rows["Flush with the writer now"] == "no"
     assert "store_db_bytes" not in table
