@@ -3,12 +3,16 @@ restore; driven directly with an explicit clock."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from actors.activation import encode_activation
 from actors.messages import ProduceKind
 from actors.pending import PendingQueue
 from actors.records import ActivationId, KafkaOffset, Record, Status
 from actors.runtime_rules import RuntimeRules, killswitch_entry
 from actors.statemachine import MAX_DEMOTE_ORDERS, Limits, StateMachine
+from loadtest import paused
 from tests.factories import make_record
 from tests.test_runtime_rules import zstd_activation
 
@@ -262,3 +266,14 @@ def test_restore_applies_the_rules_in_force() -> None:
     next_flush = fresh.take_flush()
     assert next_flush is not None
     assert set(next_flush.deletes) == {"bad"}
+
+
+def test_the_paused_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
+    """loadtest paused, small: it fails by itself if a claim hands out a paused task."""
+    output = tmp_path / "paused.json"
+    arguments = ["--paused-namespaces", "10", "--paused-tasks", "1000", "--claims", "2000"]
+    assert paused.main([*arguments, "--rounds", "1", "--json", str(output)]) == 0
+    results = json.loads(output.read_text())
+    assert results["paused_tasks"] == 1000
+    for key in ("none_paused", "paused", "same_tasks_unpaused_elsewhere"):
+        assert results[f"claims_per_s_{key}"] > 0
