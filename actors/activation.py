@@ -31,6 +31,17 @@ DECODE_REASONS: Final[tuple[DecodeReason, ...]] = get_args(DecodeReason)
 
 _NANOS_PER_SECOND: Final = 1_000_000_000
 
+MAX_STORED_SECONDS: Final = 2**63 - 1
+"""The longest duration the store keeps: SQLite's INTEGER is a signed 64-bit number, and
+the wire's durations are uint64. Anything longer is forever in practice, so a longer one
+is capped here rather than refused (a producer or worker sent a valid message)."""
+
+
+def capped_seconds(seconds: int) -> int:
+    """A wire uint64 duration as the store can keep it; see `MAX_STORED_SECONDS`."""
+    return min(seconds, MAX_STORED_SECONDS)
+
+
 # Field 1 (`task`), wire type 2 (length-delimited): the key byte of GetTaskResponse and
 # SetTaskStatusResponse, whose only field is the activation.
 _TASK_FIELD_KEY: Final = b"\x0a"
@@ -90,7 +101,7 @@ def decode_record(
         Partition(partition),
         Offset(offset),
         value,
-        activation.processing_deadline_duration,
+        capped_seconds(activation.processing_deadline_duration),
         None,  # processing_deadline
         0,  # processing_attempts
         retry_state.at_most_once,
@@ -99,7 +110,11 @@ def decode_record(
         delay_until,
         retry_state.attempts,
         retry_state.max_attempts or 1,
-        retry_state.delay_on_retry if retry_state.HasField("delay_on_retry") else None,
+        (
+            capped_seconds(retry_state.delay_on_retry)
+            if retry_state.HasField("delay_on_retry")
+            else None
+        ),
     )
 
 

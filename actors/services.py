@@ -25,7 +25,7 @@ from typing import Any, Final, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 
-from actors.activation import get_task_response_bytes
+from actors.activation import capped_seconds, get_task_response_bytes
 from actors.auth import SignatureCheck
 from actors.errors import ActorUnavailable, ConfigError, MailboxFull
 from actors.messages import Claim, Conclude
@@ -449,7 +449,9 @@ def _conclusion(update: Any) -> Conclude:
         id=ActivationId(update.id),
         status=status,
         max_attempts=update.max_attempts if update.HasField("max_attempts") else None,
-        delay_on_retry_s=update.delay_on_retry if update.HasField("delay_on_retry") else None,
+        delay_on_retry_s=(
+            capped_seconds(update.delay_on_retry) if update.HasField("delay_on_retry") else None
+        ),
     )
 
 
