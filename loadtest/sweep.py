@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -594,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = recommend(rows, rule)
     result = {
         "command": "python -m loadtest sweep "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
         "actor": args.actor,
         "knob": {
             "size_key": knob.size_key,
