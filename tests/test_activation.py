@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from actors.activation import (
     DECODE_REASONS,
+    MAX_STORED_SECONDS,
     ActivationDecodeError,
     DecodeReason,
     build_retry,
@@ -377,7 +378,10 @@ def test_decode_of_encode_keeps_the_fields(
     assert record.application == (application or "")
     assert record.received_at == pytest.approx(NOW - received_ago_s, abs=1e-6)
     assert record.activation == value
-    assert record.processing_deadline_duration_s == processing_deadline_duration_s
+    # Durations the store cannot hold (above SQLite's signed 64-bit INTEGER) are capped.
+    assert record.processing_deadline_duration_s == min(
+        processing_deadline_duration_s, MAX_STORED_SECONDS
+    )
     assert record.attempts == attempts
     assert record.max_attempts == (max_attempts or 1)
     assert record.on_attempts_exceeded is (
@@ -386,7 +390,9 @@ def test_decode_of_encode_keeps_the_fields(
         else OnAttemptsExceeded.DISCARD
     )
     assert record.at_most_once is bool(at_most_once)
-    assert record.delay_on_retry_s == delay_on_retry_s
+    assert record.delay_on_retry_s == (
+        None if delay_on_retry_s is None else min(delay_on_retry_s, MAX_STORED_SECONDS)
+    )
     if expires_s:
         assert record.expires_at == record.received_at + expires_s
     else:
