@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import importlib.metadata
 import json
 import logging
 import socket
@@ -662,6 +663,14 @@ def test_a_running_brokers_status_carries_every_actor(
         assert actor["mailbox"]["name"] == actor["name"]
     assert status["counts_by_status"]["pending"] == load.produced - load.completed
     assert status["headline"]["kafka_consumed"] == load.produced + load.undecodable
+    assert status["headline"]["kafka_lag_messages"] == 0
+    broker = status["broker"]
+    config = running.broker.config
+    assert (broker["kafka_topic"], broker["db_path"]) == (running.topic, config.db_path)
+    assert broker["kafka_bootstrap"] == running.broker.kafka_bootstrap
+    assert broker["version"] == importlib.metadata.version("taskbroker-actors")
+    assert broker["uptime_s"] > 0
+    assert broker["mailbox_push_timeout_ms"]["state"] == config.mailbox.state.push_timeout_ms
     assert render_table(status).count("\n") > len(ACTOR_NAMES)
 
 
