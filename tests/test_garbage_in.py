@@ -18,7 +18,9 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, cast
 
 import grpc
@@ -29,6 +31,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from actors.activation import DECODE_REASONS, encode_activation
+from actors.auth import SIGNATURE_METADATA_KEY, sign
 from actors.consumer import (
     DECODE_ERROR_HEADER,
     SOURCE_OFFSET_HEADER,
@@ -122,6 +125,8 @@ class Target:
     metrics_url: str
     channel: grpc.Channel
     seeded_ids: tuple[str, ...]
+    secrets: tuple[str, ...] = ()
+    """The broker's signing keys; none: it signs nothing."""
     handed_out: list[str] = field(default_factory=list)
     """Ids of the tasks the fuzzing's own claims received: results for live tasks."""
 
@@ -133,12 +138,15 @@ class Target:
         live = [*reversed(self.handed_out[-_ID_SLOTS:]), *self.seeded_ids]
         return _PLACEHOLDER.sub(lambda slot: live[int(slot[1]) % len(live)].encode(), request)
 
-    def call(self, method: Method, request: bytes) -> tuple[grpc.StatusCode, str, bytes]:
+    def call(
+        self, method: Method, request: bytes, signature: str | None = None
+    ) -> tuple[grpc.StatusCode, str, bytes]:
         """Raw bytes in, (code, details, response bytes) out."""
         # No serializers: the bytes go out exactly as given.
         stub = self.channel.unary_unary(method.path)
+        metadata = None if signature is None else ((SIGNATURE_METADATA_KEY, signature),)
         try:
-            response: bytes = stub(request, timeout=CALL_TIMEOUT_S)
+            response: bytes = stub(request, timeout=CALL_TIMEOUT_S, metadata=metadata)
         except grpc.RpcError as error:
             return error.code(), error.details() or "", b""
         return grpc.StatusCode.OK, "", response
@@ -153,15 +161,17 @@ class Target:
         wait_for(
             lambda: http_get(f"{self.metrics_url}/readyz")[0] == 200, 30, "/readyz to answer 200"
         )
-        code, details, _ = self.call(
-            METHODS[0], pb.GetTaskRequest(namespace="nothing-here").SerializeToString()
-        )
+        probe = pb.GetTaskRequest(namespace="nothing-here").SerializeToString()
+        signature = None if not self.secrets else sign(self.secrets[0], METHODS[0].path, probe)
+        code, details, _ = self.call(METHODS[0], probe, signature)
         assert (code, details) == (grpc.StatusCode.NOT_FOUND, "No pending activations")
 
 
-@pytest.fixture(scope="module")
-def target(kafka: EmbeddedKafka, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    tmp_path = tmp_path_factory.mktemp("garbage-in")
+@contextmanager
+def _running(
+    kafka: EmbeddedKafka, tmp_path: Path, secrets: tuple[str, ...] = ()
+) -> Iterator[Target]:
+    """A `taskbroker run` on fresh topics that already hold `SEEDED_TASKS` tasks."""
     topic = f"garbage-{uuid.uuid4().hex[:12]}"
     dlq = f"{topic}-dlq"
     kafka.create_topics([TopicSpec(topic, 1), TopicSpec(dlq, 1)])
@@ -185,6 +195,8 @@ def target(kafka: EmbeddedKafka, tmp_path_factory: pytest.TempPathFactory) -> It
         # A fetch that finds nothing waits at most this long, whatever wait_ms asks for.
         "--set", "batch.max_wait_ms=20",
     ]  # fmt: skip
+    if secrets:
+        args += ["--set", f"grpc_shared_secret={','.join(secrets)}"]
     with BrokerProcess(args, tmp_path / "broker.log") as broker:
         broker.start()
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
@@ -197,6 +209,7 @@ def target(kafka: EmbeddedKafka, tmp_path_factory: pytest.TempPathFactory) -> It
                 f"http://127.0.0.1:{metrics_port}",
                 channel,
                 seeded_ids,
+                secrets,
             )
             running.assert_healthy()
             yield running
@@ -204,6 +217,12 @@ def target(kafka: EmbeddedKafka, tmp_path_factory: pytest.TempPathFactory) -> It
         assert broker.stop() == 0, broker.log
         assert "Traceback" not in broker.log, broker.log
         assert " ERROR " not in broker.log, broker.log
+
+
+@pytest.fixture(scope="module")
+def target(kafka: EmbeddedKafka, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    with _running(kafka, tmp_path_factory.mktemp("garbage-in")) as running:
+        yield running
 
 
 def _produce(kafka: EmbeddedKafka, topic: str, values: list[bytes]) -> list[int]:
@@ -448,6 +467,82 @@ def test_every_grpc_method_answers_garbage_with_a_wire_status(target: Target) ->
     )
     assert applied is not None
     assert applied > 0
+
+
+SECRETS: Final = ("old-key", "new-key")
+"""Two keys, as during a rotation: a request signed under either one is accepted."""
+
+
+@pytest.fixture(scope="module")
+def signed_target(
+    kafka: EmbeddedKafka, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Target]:
+    with _running(kafka, tmp_path_factory.mktemp("garbage-in-signed"), SECRETS) as running:
+        yield running
+
+
+# How a call is signed, and whether the broker must accept the signature.
+_SIGNINGS: Final = {
+    "unsigned": False,
+    "old key": True,
+    "new key": True,
+    "another key": False,
+    "another method's": False,
+    "garbage": False,
+}
+
+
+def _signature(method: Method, request: bytes, signing: str, garbage: str) -> str | None:
+    if signing == "unsigned":
+        return None
+    if signing == "garbage":
+        return garbage
+    if signing == "another method's":
+        other = METHODS[(METHODS.index(method) + 1) % len(METHODS)]
+        return sign(SECRETS[0], other.path, request)
+    key = {"old key": SECRETS[0], "new key": SECRETS[1], "another key": "not-a-key"}[signing]
+    return sign(key, method.path, request)
+
+
+# Metadata values a client can send at all: printable ASCII.
+_garbage_signatures = st.one_of(
+    st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=200),
+    st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+)
+
+
+def test_a_signing_broker_refuses_every_bad_signature_and_answers_signed_garbage(
+    signed_target: Target,
+) -> None:
+    @settings(_FUZZ, max_examples=100)
+    @given(data=st.data())
+    def burst(data: st.DataObject) -> None:
+        calls = data.draw(
+            st.lists(
+                st.tuples(
+                    st.sampled_from(METHODS).flatmap(
+                        lambda m: _request_bytes(m).map(lambda b: (m, b))
+                    ),
+                    st.sampled_from(sorted(_SIGNINGS)),
+                    _garbage_signatures,
+                ),
+                min_size=1,
+                max_size=6,
+            ),
+            label="burst",
+        )
+        for (method, drawn), signing, garbage in calls:
+            request = signed_target.with_live_ids(drawn)
+            code, details, response = signed_target.call(
+                method, request, _signature(method, request, signing, garbage)
+            )
+            if _SIGNINGS[signing]:
+                signed_target.handed_out += _check_answer(method, code, details, response)
+            else:
+                assert code is grpc.StatusCode.UNAUTHENTICATED, f"{signing}: {details}"
+        signed_target.assert_healthy()
+
+    burst()
 
 
 # --- Kafka ---------------------------------------------------------------------------------------
