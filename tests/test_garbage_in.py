@@ -2,9 +2,11 @@
 `taskbroker run`, and random payloads on its Kafka topic.
 
 The promises: the broker never crashes and no actor gets stuck (gRPC health, /healthz,
-/readyz and a claim through the state actor answer after every burst), every call is
-answered with a status code WIRE.md gives that method, and every Kafka message that is not
-a usable activation lands in the dead-letter topic, byte for byte, with its reason.
+/readyz and a claim through the state actor answer after every burst, and the broker stops
+cleanly at the end), every call is answered with a status code WIRE.md gives that method
+(with request signing on, every call not signed under one of the keys is UNAUTHENTICATED),
+and every Kafka message that is not a usable activation lands in the dead-letter topic,
+byte for byte, with its reason.
 
 The examples are derandomized (the same ones every run, no example database), so a CI
 failure is reproducible here; hypothesis still shrinks a failure to its smallest form.
@@ -117,11 +119,9 @@ METHODS: Final = (
 
 @dataclass
 class Target:
-    broker: BrokerProcess
     kafka: EmbeddedKafka
     topic: str
     dlq: str
-    grpc_target: str
     metrics_url: str
     channel: grpc.Channel
     seeded_ids: tuple[str, ...]
@@ -180,11 +180,13 @@ def _running(
         kafka,
         topic,
         [
-            encode_activation(
-                activation_id=activation_id,
-                namespace=NAMESPACE,
-                max_attempts=3,
-                on_attempts_exceeded=OnAttemptsExceeded.DEADLETTER,
+            KafkaMessage(
+                encode_activation(
+                    activation_id=activation_id,
+                    namespace=NAMESPACE,
+                    max_attempts=3,
+                    on_attempts_exceeded=OnAttemptsExceeded.DEADLETTER,
+                )
             )
             for activation_id in seeded_ids
         ],
@@ -201,11 +203,9 @@ def _running(
         broker.start()
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             running = Target(
-                broker,
                 kafka,
                 topic,
                 dlq,
-                f"127.0.0.1:{grpc_port}",
                 f"http://127.0.0.1:{metrics_port}",
                 channel,
                 seeded_ids,
@@ -225,8 +225,15 @@ def target(kafka: EmbeddedKafka, tmp_path_factory: pytest.TempPathFactory) -> It
         yield running
 
 
-def _produce(kafka: EmbeddedKafka, topic: str, values: list[bytes]) -> list[int]:
-    """Produce `values` in order; their offsets, once Kafka acknowledged every one."""
+@dataclass(frozen=True, slots=True)
+class KafkaMessage:
+    value: bytes | None
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def _produce(kafka: EmbeddedKafka, topic: str, messages: list[KafkaMessage]) -> list[int]:
+    """Produce `messages` in order; their offsets, once Kafka acknowledged every one."""
     producer = Producer({"bootstrap.servers": kafka.bootstrap, "linger.ms": 0}, logger=_log)
     offsets: dict[int, int] = {}
 
@@ -237,10 +244,16 @@ def _produce(kafka: EmbeddedKafka, topic: str, values: list[bytes]) -> list[int]
 
         return record
 
-    for index, value in enumerate(values):
-        producer.produce(topic, value=value, on_delivery=delivered(index))
+    for index, message in enumerate(messages):
+        producer.produce(
+            topic,
+            value=message.value,
+            key=message.key,
+            headers=list(message.headers),
+            on_delivery=delivered(index),
+        )
     assert producer.flush(30) == 0
-    return [offsets[index] for index in range(len(values))]
+    return [offsets[index] for index in range(len(messages))]
 
 
 # --- strategies: valid requests, then broken ----------------------------------------------------
@@ -548,12 +561,12 @@ def test_a_signing_broker_refuses_every_bad_signature_and_answers_signed_garbage
 # --- Kafka ---------------------------------------------------------------------------------------
 
 
-def expected_reason(value: bytes) -> str | None:
+def expected_reason(value: bytes | None) -> str | None:
     """Why the broker must dead-letter `value` (DECODE_REASONS, checked in the order WIRE.md
     implies: a TaskActivation at all, then the fields every transition needs), or None for
-    an activation it must ingest."""
+    an activation it must ingest. No value at all (a tombstone) is an empty activation."""
     try:
-        activation = pb.TaskActivation.FromString(value)
+        activation = pb.TaskActivation.FromString(value or b"")
     except DecodeError:
         return "not a TaskActivation"
     for required in ("id", "namespace", "taskname"):
@@ -597,10 +610,17 @@ _NOT_UTF8: Final = b"\x0a\x02\xff\xfe" + b"\x12\x01n\x1a\x01t"
 
 _kafka_values = st.one_of(
     st.binary(max_size=256),
-    st.just(b""),
+    st.none(),
     st.just(_NOT_UTF8),
     _activations(),
     _activations().flatmap(_mutated),
+)
+# WIRE.md: "key and Kafka headers are not used"; any of them must change nothing.
+_kafka_messages = st.builds(
+    KafkaMessage,
+    _kafka_values,
+    st.none() | st.binary(max_size=16),
+    st.lists(st.tuples(_texts, st.binary(max_size=16)), max_size=3).map(tuple),
 )
 
 
@@ -610,14 +630,24 @@ def test_kafka_garbage_is_dead_lettered_with_its_reason_and_the_rest_ingested(
     produced: dict[int, tuple[bytes, str | None]] = {}
 
     @settings(_FUZZ, max_examples=60)
-    @given(values=st.lists(_kafka_values, min_size=1, max_size=6))
+    @given(messages=st.lists(_kafka_messages, min_size=1, max_size=6))
     # Each reason at least once, whatever the draws bring.
-    @example(values=[encode_activation(activation_id=""), encode_activation(namespace=""),
-                     encode_activation(taskname=""), b"\xff", encode_activation()])  # fmt: skip
-    def burst(values: list[bytes]) -> None:
-        offsets = _produce(target.kafka, target.topic, values)
-        for offset, value in zip(offsets, values, strict=True):
-            produced[offset] = (value, expected_reason(value))
+    @example(
+        messages=[
+            KafkaMessage(value)
+            for value in (
+                encode_activation(activation_id=""),
+                encode_activation(namespace=""),
+                encode_activation(taskname=""),
+                b"\xff",
+                encode_activation(),
+            )
+        ]
+    )
+    def burst(messages: list[KafkaMessage]) -> None:
+        offsets = _produce(target.kafka, target.topic, messages)
+        for offset, message in zip(offsets, messages, strict=True):
+            produced[offset] = (message.value or b"", expected_reason(message.value))
         target.assert_healthy()
 
     burst()
@@ -704,7 +734,7 @@ def test_durations_beyond_what_sqlite_holds_are_kept_capped(target: Target) -> N
         processing_deadline_duration=UINT64_MAX,
         retry_state=pb.RetryState(max_attempts=3, delay_on_retry=UINT64_MAX),
     )
-    _produce(target.kafka, target.topic, [activation.SerializeToString()])
+    _produce(target.kafka, target.topic, [KafkaMessage(activation.SerializeToString())])
     claim = pb.GetTaskRequest(namespace=namespace).SerializeToString()
 
     def claimed() -> bool:
