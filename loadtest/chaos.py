@@ -163,7 +163,7 @@ class ChaosOptions:
 
     @property
     def burst(self) -> int:
-        """Tasks produced and ingested just before each Kafka stop."""
+        """Tasks in each window fault's burst (`Bursts`): a tenth of the run at most."""
         return max(1, min(self.tasks // 10, int(self.rate * 5)))
 
     @property
