@@ -76,6 +76,9 @@ _COMMIT_RETRY_S = 1.0
 # How often librdkafka reports its statistics, from which `KafkaSilence` learns when Kafka
 # last answered. A JSON document per second is cheap next to 20 fetches a second.
 _STATISTICS_INTERVAL_MS = 1_000
+# A document stamped further back than this (or in the future) is on another clock than
+# ours: it is read as written when it was read.
+_STALE_STATISTICS_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,8 +355,16 @@ class KafkaSilence:
         return f"<KafkaSilence last answer at {self._last_answer_at:.1f}>"
 
     def observe(self, statistics: Mapping[str, object], now: float | None = None) -> None:
-        """One statistics document (librdkafka's JSON, parsed) taken at `now`."""
+        """One statistics document (librdkafka's JSON, parsed), read at `now`.
+
+        Its idle times count from when librdkafka wrote it (`ts`, microseconds on the
+        monotonic clock `time.monotonic` reads too), not from when it was read: a document
+        read late must not make an old answer look recent.
+        """
         now = self._clock() if now is None else now
+        written_us = statistics.get("ts")
+        if isinstance(written_us, int) and now - _STALE_STATISTICS_S <= written_us / 1e6 <= now:
+            now = written_us / 1e6
         brokers = statistics.get("brokers")
         if not isinstance(brokers, Mapping):
             return

@@ -67,6 +67,20 @@ def test_a_hung_kafka_turns_silent_and_an_answer_ends_it() -> None:
     assert silence.silent_s() == pytest.approx(0.02)
 
 
+def test_idle_times_count_from_when_the_document_was_written() -> None:
+    clock = Clock()
+    silence = KafkaSilence(unreachable_after_s=6.0, clock=clock)
+    # Written at 101 s with the leader heard 0.1 s before, read only at 108 s.
+    document = statistics(leader=("UP", 100_000)) | {"ts": 101_000_000}
+    clock.now = 108.0
+    silence.observe(document)
+    assert silence.silent_s() == pytest.approx(7.1)
+    assert not silence.answering()
+    # A stamp on some other clock is not trusted: read as written when it was read.
+    silence.observe(statistics(leader=("UP", 100_000)) | {"ts": 5_000_000})
+    assert silence.silent_s() == pytest.approx(0.1)
+
+
 def test_statistics_without_brokers_change_nothing() -> None:
     clock = Clock()
     silence = KafkaSilence(unreachable_after_s=6.0, clock=clock)
