@@ -42,6 +42,7 @@ from actors.consumer import (
 )
 from actors.embedded_kafka import EmbeddedKafka, TopicSpec, free_port
 from actors.records import OnAttemptsExceeded
+from actors.services import NO_PENDING_ACTIVATIONS, PUSH_MODE_REFUSAL
 from actors.wire.grpc.health.v1 import health_pb2, health_pb2_grpc
 from actors.wire.sentry_protos.taskbroker.v1 import taskbroker_pb2 as pb
 from actors.wire.taskbroker_actors.v1 import batch_pb2
@@ -60,14 +61,13 @@ NAMESPACE: Final = "garbage-in"
 SEEDED_TASKS: Final = 200
 """Real tasks on the topic before the fuzzing, so that claims hand out live tasks."""
 
-# What WIRE.md gives each method in pull mode without signing: OK; NOT_FOUND for a claim
-# that finds nothing ("No pending activations"); INVALID_ARGUMENT for a request the broker
-# refuses (bytes that are not the request message, a status other than FAILURE, RETRY or
-# COMPLETE, a missing id). TaskBatchService's codes are "as for ConsumerService"
-# (batch.proto): a fetch that finds nothing is OK with no tasks. Neither UNAVAILABLE nor
-# RESOURCE_EXHAUSTED is accepted: a handful of calls at a time must not overload the state.
-_CLAIMING: Final = frozenset({grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND,
-                              grpc.StatusCode.INVALID_ARGUMENT})  # fmt: skip
+# What WIRE.md gives each method without signing: OK; NOT_FOUND for a claim that finds
+# nothing ("No pending activations"); INVALID_ARGUMENT for a request the broker refuses
+# (bytes that are not the request message, a status other than FAILURE, RETRY or COMPLETE,
+# a missing id). TaskBatchService's codes are "as for ConsumerService" (batch.proto): a
+# fetch that finds nothing is OK with no tasks. In push delivery every claim is
+# PERMISSION_DENIED. Neither UNAVAILABLE nor RESOURCE_EXHAUSTED is accepted: a handful of
+# calls at a time must not overload the state.
 _REFUSABLE: Final = frozenset({grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT})
 
 
@@ -76,40 +76,56 @@ class Method:
     path: str
     request: type[Message]
     response: type[Message]
-    codes: frozenset[grpc.StatusCode]
+    claims: bool
+    """Hands out tasks: refused in push delivery."""
 
     @property
     def name(self) -> str:
         return self.path.rsplit("/", 1)[1]
 
+    def wire_codes(self, pulls: bool) -> frozenset[grpc.StatusCode]:
+        if not self.claims:
+            return _REFUSABLE
+        if not pulls:
+            return frozenset({grpc.StatusCode.PERMISSION_DENIED})
+        if self.request is pb.GetTaskRequest:
+            return _REFUSABLE | {grpc.StatusCode.NOT_FOUND}
+        return _REFUSABLE
+
 
 _CONSUMER: Final = "/sentry_protos.taskbroker.v1.ConsumerService/"
 _BATCH: Final = "/taskbroker_actors.v1.TaskBatchService/"
 METHODS: Final = (
-    Method(f"{_CONSUMER}GetTask", pb.GetTaskRequest, pb.GetTaskResponse, _CLAIMING),
+    Method(f"{_CONSUMER}GetTask", pb.GetTaskRequest, pb.GetTaskResponse, claims=True),
     Method(
-        f"{_CONSUMER}SetTaskStatus", pb.SetTaskStatusRequest, pb.SetTaskStatusResponse, _REFUSABLE
+        f"{_CONSUMER}SetTaskStatus",
+        pb.SetTaskStatusRequest,
+        pb.SetTaskStatusResponse,
+        claims=False,  # its fetch_next_task is ignored in push delivery
     ),
     Method(
         f"{_CONSUMER}SetBatchActivationStatus",
         pb.SetBatchActivationStatusRequest,
         pb.SetBatchActivationStatusResponse,
-        _REFUSABLE,
+        claims=False,
     ),
     Method(
-        f"{_BATCH}FetchTasks", batch_pb2.FetchTasksRequest, batch_pb2.FetchTasksResponse, _REFUSABLE
+        f"{_BATCH}FetchTasks",
+        batch_pb2.FetchTasksRequest,
+        batch_pb2.FetchTasksResponse,
+        claims=True,
     ),
     Method(
         f"{_BATCH}ReportResults",
         batch_pb2.ReportResultsRequest,
         batch_pb2.ReportResultsResponse,
-        _REFUSABLE,
+        claims=False,
     ),
     Method(
         f"{_BATCH}ReportAndFetch",
         batch_pb2.ReportAndFetchRequest,
         batch_pb2.FetchTasksResponse,
-        _REFUSABLE,
+        claims=True,
     ),
 )
 
@@ -127,6 +143,8 @@ class Target:
     seeded_ids: tuple[str, ...]
     secrets: tuple[str, ...] = ()
     """The broker's signing keys; none: it signs nothing."""
+    pulls: bool = True
+    """False in push delivery."""
     handed_out: list[str] = field(default_factory=list)
     """Ids of the tasks the fuzzing's own claims received: results for live tasks."""
 
@@ -161,17 +179,56 @@ class Target:
         wait_for(
             lambda: http_get(f"{self.metrics_url}/readyz")[0] == 200, 30, "/readyz to answer 200"
         )
-        probe = pb.GetTaskRequest(namespace="nothing-here").SerializeToString()
-        signature = None if not self.secrets else sign(self.secrets[0], METHODS[0].path, probe)
-        code, details, _ = self.call(METHODS[0], probe, signature)
-        assert (code, details) == (grpc.StatusCode.NOT_FOUND, "No pending activations")
+        # A result for no task: answered by the state actor in either delivery mode.
+        probe = pb.SetBatchActivationStatusRequest(
+            updates=[
+                pb.SetTaskStatusRequest(
+                    id="no-such-task", status=pb.TASK_ACTIVATION_STATUS_COMPLETE
+                )
+            ]
+        ).SerializeToString()
+        method = METHODS[2]
+        signature = None if not self.secrets else sign(self.secrets[0], method.path, probe)
+        code, details, _ = self.call(method, probe, signature)
+        assert code is grpc.StatusCode.OK, details
+
+    def check_answer(
+        self, method: Method, code: grpc.StatusCode, details: str, response: bytes
+    ) -> None:
+        """Asserts the answer is one WIRE.md allows; remembers the tasks it handed out."""
+        assert code in method.wire_codes(self.pulls), (
+            f"{method.name} answered {code.name}: {details}"
+        )
+        if code is grpc.StatusCode.NOT_FOUND:
+            assert details == NO_PENDING_ACTIVATIONS
+        if code is grpc.StatusCode.PERMISSION_DENIED:
+            assert details == PUSH_MODE_REFUSAL
+        if code is not grpc.StatusCode.OK:
+            return
+        # An answer a worker can read, with a whole activation in every task.
+        parsed = method.response.FromString(response)
+        tasks: list[pb.TaskActivation] = []
+        if isinstance(parsed, batch_pb2.FetchTasksResponse):
+            tasks = list(parsed.tasks)
+        elif isinstance(parsed, pb.GetTaskResponse | pb.SetTaskStatusResponse) and parsed.HasField(
+            "task"
+        ):
+            tasks = [parsed.task]
+        assert self.pulls or not tasks, "push delivery handed out a task on a pull"
+        for task in tasks:
+            assert task.id
+            assert task.namespace
+            assert task.taskname
+        self.handed_out += [task.id for task in tasks]
 
 
 @contextmanager
 def _running(
-    kafka: EmbeddedKafka, tmp_path: Path, secrets: tuple[str, ...] = ()
+    kafka: EmbeddedKafka, tmp_path: Path, secrets: tuple[str, ...] = (), *, pulls: bool = True
 ) -> Iterator[Target]:
-    """A `taskbroker run` on fresh topics that already hold `SEEDED_TASKS` tasks."""
+    """A `taskbroker run` on fresh topics that already hold `SEEDED_TASKS` tasks. In push
+    delivery its worker is a port nothing listens on: every push fails, and the tasks go
+    back to pending, where late results still apply to them."""
     topic = f"garbage-{uuid.uuid4().hex[:12]}"
     dlq = f"{topic}-dlq"
     kafka.create_topics([TopicSpec(topic, 1), TopicSpec(dlq, 1)])
@@ -199,6 +256,8 @@ def _running(
     ]  # fmt: skip
     if secrets:
         args += ["--set", f"grpc_shared_secret={','.join(secrets)}"]
+    if not pulls:
+        args += ["--set", "delivery_mode=push", "--set", f"worker_map.=127.0.0.1:{free_port()}"]
     with BrokerProcess(args, tmp_path / "broker.log") as broker:
         broker.start()
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
@@ -210,6 +269,7 @@ def _running(
                 channel,
                 seeded_ids,
                 secrets,
+                pulls,
             )
             running.assert_healthy()
             yield running
@@ -418,31 +478,6 @@ def _request_bytes(method: Method) -> st.SearchStrategy[bytes]:
 # --- gRPC ----------------------------------------------------------------------------------------
 
 
-def _check_answer(
-    method: Method, code: grpc.StatusCode, details: str, response: bytes
-) -> list[str]:
-    """The ids of the tasks in the answer, once the answer passed the checks."""
-    assert code in method.codes, f"{method.name} answered {code.name}: {details}"
-    if code is grpc.StatusCode.NOT_FOUND:
-        assert details == "No pending activations"
-    if code is grpc.StatusCode.OK:
-        # An answer a worker can read, with a whole activation in every task.
-        parsed = method.response.FromString(response)
-        tasks: list[pb.TaskActivation] = []
-        if isinstance(parsed, batch_pb2.FetchTasksResponse):
-            tasks = list(parsed.tasks)
-        elif isinstance(parsed, pb.GetTaskResponse | pb.SetTaskStatusResponse) and parsed.HasField(
-            "task"
-        ):
-            tasks = [parsed.task]
-        for task in tasks:
-            assert task.id
-            assert task.namespace
-            assert task.taskname
-        return [task.id for task in tasks]
-    return []
-
-
 _FUZZ: Final = settings(
     derandomize=True,
     database=None,
@@ -451,8 +486,8 @@ _FUZZ: Final = settings(
 )
 
 
-def test_every_grpc_method_answers_garbage_with_a_wire_status(target: Target) -> None:
-    @settings(_FUZZ, max_examples=300)
+def _fuzz_every_method(target: Target, max_examples: int) -> None:
+    @settings(_FUZZ, max_examples=max_examples)
     @given(data=st.data())
     def burst(data: st.DataObject) -> None:
         calls = data.draw(
@@ -465,21 +500,39 @@ def test_every_grpc_method_answers_garbage_with_a_wire_status(target: Target) ->
         )
         for method, request in calls:
             code, details, response = target.call(method, target.with_live_ids(request))
-            target.handed_out += _check_answer(method, code, details, response)
+            target.check_answer(method, code, details, response)
         target.assert_healthy()
 
     burst()
-    # Not a vacuous run: mutated results met live tasks (claimed by the bursts' own fetches),
-    # not only unknown ids.
-    families = scrape(target.metrics_url)
-    applied = sample(
-        families,
+
+
+def _conclusions(target: Target, outcome: str) -> float:
+    value = sample(
+        scrape(target.metrics_url),
         "taskbroker_state_conclusions",
         "taskbroker_state_conclusions_total",
-        outcome="applied",
+        outcome=outcome,
     )
-    assert applied is not None
-    assert applied > 0
+    return value or 0.0
+
+
+def test_every_grpc_method_answers_garbage_with_a_wire_status(target: Target) -> None:
+    _fuzz_every_method(target, max_examples=300)
+    # Not a vacuous run: mutated results met live tasks (claimed by the bursts' own
+    # fetches), not only unknown ids.
+    assert _conclusions(target, "applied") > 0
+
+
+@pytest.fixture(scope="module")
+def push_target(kafka: EmbeddedKafka, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    with _running(kafka, tmp_path_factory.mktemp("garbage-in-push"), pulls=False) as running:
+        yield running
+
+
+def test_in_push_delivery_every_method_answers_garbage_with_a_wire_status(
+    push_target: Target,
+) -> None:
+    _fuzz_every_method(push_target, max_examples=100)
 
 
 SECRETS: Final = ("old-key", "new-key")
@@ -550,7 +603,7 @@ def test_a_signing_broker_refuses_every_bad_signature_and_answers_signed_garbage
                 method, request, _signature(method, request, signing, garbage)
             )
             if _SIGNINGS[signing]:
-                signed_target.handed_out += _check_answer(method, code, details, response)
+                signed_target.check_answer(method, code, details, response)
             else:
                 assert code is grpc.StatusCode.UNAUTHENTICATED, f"{signing}: {details}"
         signed_target.assert_healthy()
