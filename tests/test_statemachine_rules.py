@@ -188,6 +188,21 @@ def test_paused_groups_are_ingested_but_not_handed_out_until_resumed() -> None:
     assert claim_all(machine) == ["h1", "h2"]
 
 
+def test_a_pause_holds_what_is_already_pending() -> None:
+    machine = StateMachine()
+    ingest(
+        machine,
+        make_record("h1", namespace="held", added_at=1.0),
+        make_record("ok", added_at=2.0),
+        make_record("h2", namespace="held", added_at=3.0),
+    )
+    assert machine.apply_rules(PAUSE, NOW) == 0  # nothing moves: the queue holds them
+    assert machine.held_pending_count == 2
+    assert claim_all(machine) == ["ok"]
+    machine.apply_rules(RuntimeRules(), NOW)
+    assert claim_all(machine) == ["h1", "h2"]
+
+
 def test_paused_records_do_not_stop_ingest_for_the_others() -> None:
     machine = StateMachine(Limits(max_pending_count=2), rules=PAUSE)
     ingest(machine, *(make_record(f"h{i}", namespace="held") for i in range(5)))
