@@ -82,6 +82,10 @@ def test_a_hung_kafka_leaves_the_held_tasks_served_is_reported_and_consumption_r
             assert worker.outcomes.refused == []
             assert SILENT in broker.readyz()[1]
 
+        wait_until(
+            lambda: broker.metric("taskbroker_kafka_reachable") == 1.0,
+            "the broker to hear from Kafka again",
+        )
         # Produced after Kafka came back: only a consumer that resumed by itself gets them.
         fresh = produce(kafka, topics.topic, 5, tag="fresh")
         with Worker(broker.grpc_target) as worker:
@@ -91,7 +95,6 @@ def test_a_hung_kafka_leaves_the_held_tasks_served_is_reported_and_consumption_r
                 timeout_s=60,
             )
         assert broker.readyz() == (200, "ready\n")
-        assert broker.metric("taskbroker_kafka_reachable") == 1.0
         wait_until(lambda: committed_offset(kafka, topics) == 15, "every offset committed")
         wait_until(lambda: broker.held("pending") == 0, "nothing left pending")
     log = broker.process.log
