@@ -21,7 +21,8 @@ record a message) is the load knob that reaches the larger sizes. The writer's a
 consumer's mailboxes hold a few messages by design, and the front end's takes no call at
 all: for `--actor frontend` the sweep sizes `grpc_max_concurrent_streams` instead (the
 calls in progress on one worker connection, the bound closest to a mailbox in front of the
-state actor), which has no overflow policy.
+state actor), which has no overflow policy: a call past it is refused UNAVAILABLE (at 4
+streams and 64 unary workers a connection, 140,000 refusals and 26 tasks/s).
 
 The recommendation (`recommend`): the smallest size, among settings that completed every
 task, refused no call, overflowed never and kept the task p99 within `--p99-bound-ms`, whose
@@ -122,7 +123,7 @@ KNOBS = {
         "state",
         "the front end's mailbox takes only SetServing and ReloadTls, never a call; the "
         "sweep sizes grpc_max_concurrent_streams instead (calls in progress on one worker "
-        "connection; no overflow policy: past it the client holds calls back), and shows "
+        "connection; no overflow policy: past it a call is refused UNAVAILABLE), and shows "
         "the state's mailbox behind it",
     ),
 }
