@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from typing import Any, Final
 
 from actors.metrics import MAILBOX_BUCKETS
@@ -161,24 +163,23 @@ def _rate(before: int | None, after: int | None, elapsed_s: float) -> float | No
 def _p99_ms(
     before: Sequence[int] | None, after: Sequence[int], bounds_s: Sequence[float]
 ) -> float | None:
-    """The 99th percentile of the observations between two cumulative bucket readings,
-    linear within its bucket as Prometheus' histogram_quantile reads one; past the last
-    bound, the last bound."""
+    """The 99th percentile of the observations made between two readings of the counts per
+    bucket, linear within its bucket as Prometheus' histogram_quantile reads one; past the
+    last bound, the last bound."""
     counts = [n - (before[i] if before else 0) for i, n in enumerate(after)]
     total = sum(counts)
     if total <= 0 or any(n < 0 for n in counts):
         return None
     rank = 0.99 * total
-    below = 0
-    for index, count in enumerate(counts):
-        if below + count >= rank and count:
-            if index >= len(bounds_s):
-                return round(bounds_s[-1] * 1000, 3)
-            lower = bounds_s[index - 1] if index else 0.0
-            upper = bounds_s[index]
-            return round((lower + (upper - lower) * (rank - below) / count) * 1000, 3)
-        below += count
-    return None  # not reached: the counts sum to `total`
+    cumulative = list(accumulate(counts))
+    index = bisect_left(cumulative, rank)  # the first bucket that reaches the rank
+    below = cumulative[index - 1] if index else 0
+    count = counts[index]
+    if index >= len(bounds_s):
+        return round(bounds_s[-1] * 1000, 3)
+    lower = bounds_s[index - 1] if index else 0.0
+    upper = bounds_s[index]
+    return round((lower + (upper - lower) * (rank - below) / count) * 1000, 3)
 
 
 class HistoryRecorder:
