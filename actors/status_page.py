@@ -509,7 +509,7 @@ h2 {{ font-size: 1em; margin: 0 0 .5em; }}
   box-shadow: 0 1px 2px rgba(0,0,0,.08); }}
 .tile span {{ display: block; color: #6b7280; font-size: .85em; }}
 .tile b {{ font-size: 1.35em; font-variant-numeric: tabular-nums; }}
-.charts {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(400px, 1fr));
+.charts {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr));
   gap: .6em; margin-bottom: 1em; }}
 .chart {{ margin: 0; }}
 .chart figcaption {{ font-weight: 600; margin-bottom: .2em; }}
@@ -522,7 +522,7 @@ h2 {{ font-size: 1em; margin: 0 0 .5em; }}
   margin-right: .3em; vertical-align: -.05em; }}
 .legend b {{ font-weight: 600; font-variant-numeric: tabular-nums; }}
 .card {{ margin-bottom: .6em; }}
-.columns {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(400px, 1fr));
+.columns {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr));
   gap: .6em; align-items: start; }}
 table {{ border-collapse: collapse; width: 100%; }}
 th, td {{ text-align: left; padding: .2em .5em; border-bottom: 1px solid #f0f0f0;
@@ -530,6 +530,8 @@ th, td {{ text-align: left; padding: .2em .5em; border-bottom: 1px solid #f0f0f0
 th {{ font-weight: normal; color: #4b5563; white-space: nowrap; }}
 td {{ overflow-wrap: anywhere; }}
 table.grid th {{ color: #6b7280; font-size: .85em; border-bottom: 1px solid #e5e7eb; }}
+table.grid td {{ overflow-wrap: normal; white-space: nowrap; }}
+.card.wide {{ overflow-x: auto; }}
 tr.bad td {{ color: #991b1b; font-weight: 600; }}
 .meter {{ display: inline-block; width: 4em; height: .55em; background: #e5e7eb;
   border-radius: .3em; margin-right: .5em; overflow: hidden; }}
