@@ -404,7 +404,7 @@ _COLUMNS = (
     ("overflows", "overflows", ",", 9),
     ("wait p99 ms", "wait_p99_ms", ",.2f", 11),
     ("RSS MB", "rss_mb", ",.0f", 7),
-    ("lost", "lost", ",", 5),
+    ("not done", "lost", ",", 8),
 )
 
 
