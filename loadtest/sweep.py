@@ -201,6 +201,12 @@ def measure(under_test: Session, knob: Knob, load: Load, size: int, policy: str)
         "sweep-produce",
         lambda _stop: produce_tasks(under_test.bootstrap, under_test.topic, ids, TaskSpec()),
     )
+    producing: list[bool] = []
+
+    def start_producing() -> None:
+        producing.append(True)
+        produce.start()
+
     before = scrape(url)
     try:
         report, started_wall, stopped_wall = run_workers(
@@ -211,10 +217,11 @@ def measure(under_test: Session, knob: Knob, load: Load, size: int, policy: str)
             until_completed=load.tasks,
             max_seconds=load.max_seconds,
             kind=load.kind,
-            on_started=produce.start,
+            on_started=start_producing,
         )
     finally:
-        produce.join(_JOIN_TIMEOUT_S)
+        if producing:  # workers that never started leave nothing to join
+            produce.join(_JOIN_TIMEOUT_S)
     after = scrape(url)
     summary = summarize(phase, ids, report, started_wall, stopped_wall)
     watched = mailboxes(before, after).get(knob.watched, {})
