@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -405,3 +406,24 @@ def test_taskbroker_run_stops_the_orphan_of_its_database_before_checking_the_por
         assert not is_running(orphan_pid)
         assert f"stopping the embedded Kafka (pid {orphan_pid})" in broker.log
         assert broker.stop() == 0
+
+
+def test_the_kafka_outlives_the_thread_that_started_it() -> None:
+    # PR_SET_PDEATHSIG fires when the forking *thread* ends: a supervisor run on a thread
+    # that returned would otherwise lose its Kafka at once.
+    started: list[EmbeddedKafka] = []
+    starter = threading.Thread(
+        target=lambda: started.append(EmbeddedKafka(port=free_port()).__enter__())
+    )
+    starter.start()
+    starter.join(30)
+    (kafka,) = started
+    try:
+        pid = kafka.pid
+        assert pid is not None
+        time.sleep(0.5)  # the kernel's signal, were one sent, would have landed by now
+
+        assert is_running(pid)
+        assert partition_counts(kafka.bootstrap)["taskworker"] == 1
+    finally:
+        kafka.stop()
