@@ -6,8 +6,10 @@ waits until it answers, creates the broker's topics, and always takes the proces
 again, even when the caller forgets to (a finalizer also runs at interpreter exit).
 
 Nothing of the parent runs when it is SIGKILLed, so on Linux the kernel ends Tansu then
-(PR_SET_PDEATHSIG). Where that cannot help (another OS, a signal that came too late), a pid
-file names the Tansu we started, and the next start stops that one if it is still there.
+(PR_SET_PDEATHSIG). An optional pid file names the Tansu we started (pid, start time and
+command line), so that the next start with that file stops it if it is still there: still
+dying from that signal, or started by a broker that did not ask for it. Both need Linux;
+elsewhere a killed broker's Tansu has to be stopped by hand.
 
 Run `python -m actors.embedded_kafka [--port N] [--partitions N]` for a local broker.
 """
@@ -20,6 +22,7 @@ import ctypes
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -377,17 +380,14 @@ class ProcessIdentity:
     def of(cls, pid: int) -> ProcessIdentity | None:
         """The live process `pid` (a zombie counts as gone), or None; None also where there
         is no /proc to ask, so that nothing is ever stopped on a guess."""
+        stat = _stat(pid)
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return None
-        # The command name, field 2, is in parentheses and may hold spaces and parentheses.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        state, start_ticks = fields[0], int(fields[19])
-        if state in {"Z", "X"}:
+        if stat is None or stat.state in _EXITED_STATES:
             return None
-        return cls(pid, start_ticks, tuple(os.fsdecode(a) for a in cmdline.split(b"\0") if a))
+        return cls(pid, stat.start_ticks, tuple(os.fsdecode(a) for a in cmdline.split(b"\0") if a))
 
     def to_json(self) -> str:
         return json.dumps(
@@ -404,13 +404,38 @@ class ProcessIdentity:
         return cls(int(data["pid"]), int(data["start_ticks"]), tuple(cmdline))
 
 
-def stop_orphan(pid_file: Path, wait_s: float = _KILL_WAIT_S) -> None:
-    """Stop the embedded Kafka recorded in `pid_file` if that very process still runs.
+@dataclass(frozen=True, slots=True)
+class _Stat:
+    state: str
+    start_ticks: int
 
-    It is left behind when its broker was killed on a system where the kernel did not end
-    it, and it holds the port the next broker needs. A pid that now names another process
-    (a recycled pid) is never signalled. The pid file is removed either way.
+
+# A zombie's leader thread has exited, though other threads of it may still run and hold
+# its sockets (Tansu is multi-threaded): only the pidfd says when the whole process is gone.
+_EXITED_STATES = frozenset({"Z", "X"})
+
+
+def _stat(pid: int) -> _Stat | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name, field 2, is in parentheses and may hold spaces and parentheses.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return _Stat(fields[0], int(fields[19]))
+
+
+def stop_orphan(pid_file: Path, wait_s: float = _KILL_WAIT_S) -> None:
+    """Stop the embedded Kafka recorded in `pid_file` if that very process still runs, and
+    wait until it has exited (also when it was exiting already), so that its port is free.
+
+    One still runs when its broker was killed without the kernel ending it (a broker that
+    did not ask for PR_SET_PDEATHSIG); one is exiting just after the kernel's signal. A pid
+    that now names another process (a recycled pid) is never signalled. The pid file is
+    removed, unless the process could not be checked.
     """
+    if not sys.platform.startswith("linux"):
+        return  # without /proc, `_record` never wrote one
     try:
         text = pid_file.read_text()
     except FileNotFoundError:
@@ -428,9 +453,17 @@ def stop_orphan(pid_file: Path, wait_s: float = _KILL_WAIT_S) -> None:
         _log.info("the embedded Kafka of %s (pid %d) is gone", pid_file, recorded.pid)
         pid_file.unlink(missing_ok=True)
         return
+    except OSError as exc:  # a kernel before 5.3: the port check names the problem if any
+        _log.warning("cannot check pid %d of %s (%s); leaving it", recorded.pid, pid_file, exc)
+        return
     try:
         current = ProcessIdentity.of(recorded.pid)
-        if current is None:
+        stat = _stat(recorded.pid)
+        if current is None and stat is not None and stat.start_ticks == recorded.start_ticks:
+            # Ours, and exiting (the kernel's SIGKILL as its broker died): wait for its port.
+            _log.info("the embedded Kafka of %s (pid %d) is exiting", pid_file, recorded.pid)
+            _wait_exited(pidfd, recorded.pid, wait_s)
+        elif current is None:
             _log.info("the embedded Kafka of %s (pid %d) is gone", pid_file, recorded.pid)
         elif current != recorded:
             _log.warning(
@@ -447,21 +480,21 @@ def stop_orphan(pid_file: Path, wait_s: float = _KILL_WAIT_S) -> None:
                 pid_file,
             )
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            _wait_gone(recorded, wait_s)
+            _wait_exited(pidfd, recorded.pid, wait_s)
     finally:
         os.close(pidfd)
     pid_file.unlink(missing_ok=True)
 
 
-def _wait_gone(recorded: ProcessIdentity, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    while ProcessIdentity.of(recorded.pid) == recorded:
-        if time.monotonic() > deadline:
-            raise EmbeddedKafkaError(
-                f"the orphaned embedded Kafka (pid {recorded.pid}) did not exit within "
-                f"{wait_s} s of SIGKILL"
-            )
-        time.sleep(_POLL_INTERVAL_S)
+def _wait_exited(pidfd: int, pid: int, wait_s: float) -> None:
+    """Until every thread of the process has exited, and so closed its sockets: a pidfd
+    turns readable then (a zombie's other threads may still be running before)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    if not poller.poll(wait_s * 1000):
+        raise EmbeddedKafkaError(
+            f"the orphaned embedded Kafka (pid {pid}) did not exit within {wait_s} s of SIGKILL"
+        )
 
 
 def _record(pid_file: Path, pid: int) -> None:
