@@ -221,8 +221,8 @@ def test_a_retry_window_passes_only_when_nothing_counted_as_produced_while_kafka
     assert not window_checks(record, acknowledged_in_window=10, retried_in_window=3)["passed"]
 
 
-def test_a_full_disk_window_needs_failed_flushes_and_offsets_that_stood_still() -> None:
-    record = Applied(DISK_FULL, 0.0, details={"recovered_after_s": 0.5})
+def _writes_held(kind: str) -> Applied:
+    record = Applied(kind, 0.0, details={"recovered_after_s": 0.5})
     record.samples = [
         _sample(flush_failures=0, committed_offsets=100),
         _sample(flush_failures=1, committed_offsets=120),
@@ -230,18 +230,37 @@ def test_a_full_disk_window_needs_failed_flushes_and_offsets_that_stood_still() 
         _sample(flush_failures=3, committed_offsets=120),
         _sample(flush_failures=3, committed_offsets=400),
     ]
+    return record
+
+
+def test_a_full_disk_needs_failed_flushes_answered_results_and_a_recovery() -> None:
+    record = _writes_held(DISK_FULL)
+    checks = window_checks(record, acknowledged_in_window=5, retried_in_window=0)
+    assert checks["passed"]
+    assert checks["offsets_moved_during"] == 0
+    # Offsets moving on a full disk is reported, not failed: a flush may fit in free pages.
+    record.samples[3] = _sample(flush_failures=3, committed_offsets=130)
+    checks = window_checks(record, acknowledged_in_window=5, retried_in_window=0)
+    assert checks["passed"]
+    assert checks["offsets_moved_during"] == 10
+    assert not window_checks(record, acknowledged_in_window=0, retried_in_window=0)["passed"]
+    record.details["recovered_after_s"] = None  # never flushed everything again
+    assert not window_checks(record, acknowledged_in_window=5, retried_in_window=0)["passed"]
+    record = _writes_held(DISK_FULL)
+    record.samples = [_sample(flush_failures=0, committed_offsets=100)] * 5
+    assert not window_checks(record, acknowledged_in_window=5, retried_in_window=0)["passed"]
+
+
+def test_a_lock_needs_offsets_that_stood_still() -> None:
+    record = _writes_held(DB_LOCKED)
     assert window_checks(record, acknowledged_in_window=5, retried_in_window=0)["passed"]
     record.samples[3] = _sample(flush_failures=3, committed_offsets=130)
     assert not window_checks(record, acknowledged_in_window=5, retried_in_window=0)["passed"]
-    record.samples[3] = _sample(flush_failures=3, committed_offsets=120)
-    assert not window_checks(record, acknowledged_in_window=0, retried_in_window=0)["passed"]
     # Just after a restart the gauge reads 0 until the consumer learns the group's offsets.
     record.samples[1:4] = [
         _sample(flush_failures=n, committed_offsets=c) for n, c in ((1, 0), (2, 0), (3, 120))
     ]
     assert window_checks(record, acknowledged_in_window=5, retried_in_window=0)["passed"]
-    record.details["recovered_after_s"] = None  # never flushed everything again
-    assert not window_checks(record, acknowledged_in_window=5, retried_in_window=0)["passed"]
 
 
 def _row(**values: object) -> dict[str, object]:
