@@ -962,8 +962,24 @@ def _parser() -> argparse.ArgumentParser:
         if name == "max_seconds":
             parser.add_argument("--max-seconds", type=float, help="time limit (default: derived)")
             continue
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, type=type(value), default=value, help=_HELP.get(name))
     return parser
+
+
+_HELP = {
+    "tasks": "activations to produce (default %(default)s)",
+    "rate": "activations produced per second (default %(default)s)",
+    "kills": "SIGKILLs of the broker, each followed by a restart (default %(default)s)",
+    "aimed_kills": "of those, kills fired inside a flush (default %(default)s)",
+    "kafka_stop_s": "Kafka SIGSTOPped while workers run; 0: none (default %(default)s)",
+    "retry_stop_s": "Kafka SIGSTOPped while retries are due; 0: none (default %(default)s)",
+    "disk_full_s": "the database's tmpfs full; 0: none (default %(default)s)",
+    "lock_s": "the database locked by another process; 0: none (default %(default)s)",
+    "commit_delay_ms": "store.debug_commit_delay_ms: wider flushes (default %(default)s)",
+    "retry_per_mille": "first attempts answered RETRY, per thousand (default %(default)s)",
+    "seed": "the fault schedule's random seed (default %(default)s)",
+}
 
 
 def _stop_on_sigterm() -> None:

@@ -304,6 +304,33 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def fault_notes(result: Mapping[str, Any]) -> list[str]:
+    """One line per fault for the page: a kill's aim, restart and the tasks it exposed;
+    a window fault's checks and recovery; why a fault was not applied."""
+    exposures = iter(result["duplicate_bound"]["per_kill"])
+    notes = []
+    for fault in result["faults"]:
+        details = fault["details"]
+        if not fault["applied"]:
+            notes.append(fault["note"])
+        elif fault["kind"] == "kill":
+            aim = "aimed" if details["aimed"] else "random moment"
+            if details["flush_outstanding_when_killed"]:
+                aim += ", inside a flush"
+            notes.append(
+                f"{aim}; back in {details['restart_s']} s; {next(exposures, 0):,} tasks exposed"
+            )
+        else:
+            checks = fault["checks"]
+            failed = [k for k, v in checks.items() if v is False and k != "passed"]
+            verdict = "checks passed" if checks["passed"] else f"FAILED {', '.join(failed)}"
+            notes.append(
+                f"{verdict}; recovered {checks['recovered_after_s']} s after; "
+                f"{checks['acknowledged_during']:,} tasks acknowledged during"
+            )
+    return notes
+
+
 def render_html(result: Mapping[str, Any]) -> str:
     """One self-contained page: the verdict, the timeline plot, each fault's effect."""
     accounting = result["accounting"]
@@ -335,9 +362,11 @@ def render_html(result: Mapping[str, Any]) -> str:
                 fault["end_s"],
                 fault["effect"]["tasks_per_s"],
                 fault["effect"]["p99_ms"],
-                fault.get("note", ""),
+                note,
             )
-            for number, fault in enumerate(result["faults"], start=1)
+            for (number, fault), note in zip(
+                enumerate(result["faults"], start=1), fault_notes(result), strict=True
+            )
         ],
     )
     return f"""<!doctype html>

@@ -29,6 +29,7 @@ from loadtest.chaos_report import (
     duplicate_bound,
     exposed_ids,
     exposure_window_s,
+    fault_notes,
     longest_flush_s,
     outside_windows,
     rate_series,
@@ -356,3 +357,38 @@ def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
     assert "data:image/png;base64," in page
     assert "Chaos run: PASS" in page
     assert page.count("<tr>") == 1 + 1 + 1 + len(result["faults"])
+
+
+def test_the_page_notes_say_how_each_fault_went() -> None:
+    kill = {"kind": KILL, "applied": True, "note": ""}
+    result = {
+        "duplicate_bound": {"per_kill": [12, 0]},
+        "faults": [
+            {
+                **kill,
+                "details": {"aimed": True, "flush_outstanding_when_killed": True, "restart_s": 9},
+            },
+            {"kind": DISK_FULL, "applied": False, "note": "not applied: no disk", "details": {}},
+            {
+                "kind": DB_LOCKED,
+                "applied": True,
+                "details": {},
+                "checks": {
+                    "passed": False,
+                    "offsets_held": False,
+                    "recovered_after_s": 1.5,
+                    "acknowledged_during": 30,
+                },
+            },
+            {
+                **kill,
+                "details": {"aimed": False, "flush_outstanding_when_killed": None, "restart_s": 8},
+            },
+        ],
+    }
+    assert fault_notes(result) == [
+        "aimed, inside a flush; back in 9 s; 12 tasks exposed",
+        "not applied: no disk",
+        "FAILED offsets_held; recovered 1.5 s after; 30 tasks acknowledged during",
+        "random moment; back in 8 s; 0 tasks exposed",
+    ]
