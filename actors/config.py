@@ -509,11 +509,25 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
         return {str(k): _coerce(f"{key}.{k}", item_kind, v) for k, v in value.items()}
     if typing.get_origin(kind) is tuple:
         if isinstance(value, str):
-            value = [item.strip() for item in value.split(",") if item.strip()]
+            value = _string_list(key, value)
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of strings")
         return tuple(value)
     raise ConfigError(f"{key}: unsupported setting type {kind!r}")  # pragma: no cover
+
+
+def _string_list(key: str, text: str) -> list[str]:
+    """A list from the environment or `--set`: a TOML array, or items separated by commas.
+
+    Read as commas alone, `["a", "b"]` would become the two items `["a"` and `"b"]`.
+    """
+    if not text.lstrip().startswith("["):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        items: list[Any] = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{key}: {text!r} is not a TOML array: {error}") from None
+    return items
 
 
 # --- showing ----------------------------------------------------------------------------------

@@ -40,6 +40,33 @@ def test_defaults_follow_taskbroker() -> None:
     assert defaults.retry_topic == "taskworker"
 
 
+@pytest.mark.parametrize(
+    ("text", "secrets"),
+    [
+        ("old, new", ("old", "new")),
+        ('["old", "new"]', ("old", "new")),
+        ("['a,b', 'c']", ("a,b", "c")),
+        ("[]", ()),
+    ],
+)
+def test_a_list_from_text_is_a_toml_array_or_comma_separated(
+    text: str, secrets: tuple[str, ...]
+) -> None:
+    assert config.load(overrides={"grpc_shared_secret": text}).grpc_shared_secret == secrets
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('["old", "new"', "grpc_shared_secret: .* is not a TOML array"),
+        ("[1, 2]", "grpc_shared_secret: expected a list of strings"),
+    ],
+)
+def test_a_broken_array_is_refused_naming_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(overrides={"grpc_shared_secret": text})
+
+
 def test_file_then_environment_then_flags(tmp_path: Path) -> None:
     path = tmp_path / "broker.toml"
     path.write_text(
