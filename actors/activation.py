@@ -203,7 +203,7 @@ def get_task_response_bytes(activation: bytes | None) -> bytes:
     """
     if activation is None:
         return b""
-    return _TASK_FIELD_KEY + _varint(len(activation)) + activation
+    return _TASK_FIELD_KEY + varint(len(activation)) + activation
 
 
 def _parse(value: bytes) -> pb.TaskActivation:
@@ -244,7 +244,7 @@ def _pack_parameters(args: Sequence[object], kwargs: Mapping[str, object]) -> by
     return cast(bytes, msgpack.packb({"args": list(args), "kwargs": dict(kwargs)}))
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
     """Protobuf's base-128 varint: seven bits a byte, low first, high bit = more follows."""
     out = bytearray()
     while value > 0x7F:

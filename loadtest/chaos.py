@@ -189,6 +189,17 @@ class ChaosOptions:
         at least half the production."""
         return max(self.production_s - self.expected_fault_s, self.production_s / 2)
 
+    def schedule(self) -> list[Planned]:
+        """The faults of this run, in time order; ValueError when they cannot fit."""
+        return plan(
+            production_s=self.plan_span_s,
+            kills=self.kills,
+            aimed_kills=self.aimed_kills,
+            windows=self.windows,
+            gap_s=self.gap_s,
+            seed=self.seed,
+        )
+
     @property
     def time_limit_s(self) -> float:
         if self.max_seconds is not None:
@@ -995,14 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.tasks < 1 or options.rate <= 0 or options.workers < 1 or options.processes < 1:
         parser.error("--tasks, --rate, --workers and --processes must be positive")
     try:
-        plan(
-            production_s=options.plan_span_s,
-            kills=options.kills,
-            aimed_kills=options.aimed_kills,
-            windows=options.windows,
-            gap_s=options.gap_s,
-            seed=options.seed,
-        )
+        options.schedule()
     except ValueError as error:
         parser.error(str(error))
     _stop_on_sigterm()

@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from actors.activation import DECODE_REASONS, encode_activation
+from actors.activation import DECODE_REASONS, encode_activation, varint
 from actors.auth import SIGNATURE_METADATA_KEY, sign
 from actors.consumer import (
     DECODE_ERROR_HEADER,
@@ -405,26 +405,17 @@ def _valid_requests(method: Method) -> st.SearchStrategy[Message]:
     return builders[method.name]
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 @st.composite
 def _foreign_field(draw: st.DrawFn) -> bytes:
     """A field with a number the message may use, under any wire type, with any payload:
     a string sent as a varint, a nested message as fixed64, a group that never ends."""
     number = draw(st.integers(1, 20))
     wire_type = draw(st.integers(0, 7))
-    key = _varint(number << 3 | wire_type)
+    key = varint(number << 3 | wire_type)
     payloads = {
-        0: st.integers(0, UINT64_MAX).map(_varint),
+        0: st.integers(0, UINT64_MAX).map(varint),
         1: st.binary(min_size=8, max_size=8),
-        2: st.binary(max_size=16).map(lambda b: _varint(len(b)) + b),
+        2: st.binary(max_size=16).map(lambda b: varint(len(b)) + b),
         5: st.binary(min_size=4, max_size=4),
     }
     # Wire types 3 and 4 (groups) and 6, 7 (none) take whatever follows.
@@ -454,8 +445,8 @@ def _spliced(draw: st.DrawFn, valid: bytes) -> bytes:
 @st.composite
 def _overlong(draw: st.DrawFn, valid: bytes) -> bytes:
     """A length-delimited field that claims far more bytes than follow."""
-    key = _varint(draw(st.integers(1, 5)) << 3 | 2)
-    return valid + key + _varint(draw(st.integers(2**20, 2**31)))
+    key = varint(draw(st.integers(1, 5)) << 3 | 2)
+    return valid + key + varint(draw(st.integers(2**20, 2**31)))
 
 
 def _mutated(valid: bytes) -> st.SearchStrategy[bytes]:
