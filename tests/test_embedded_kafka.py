@@ -320,6 +320,10 @@ def test_a_start_stops_the_kafka_an_earlier_broker_left_running(
 def unrelated_process() -> Iterator[int]:
     with subprocess.Popen(["sleep", "60"]) as sleeper:
         try:
+            # Popen returns as the exec happens; until the kernel has the new image in
+            # place, /proc/<pid>/cmdline reads empty (seen once in a full run).
+            cmdline = Path(f"/proc/{sleeper.pid}/cmdline")
+            wait_for(lambda: cmdline.read_bytes().startswith(b"sleep"), 5, "sleep to be exec'd")
             yield sleeper.pid
         finally:
             sleeper.kill()
