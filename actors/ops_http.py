@@ -235,6 +235,9 @@ def status_document(
         headline["dirty_records"] = state.dirty
         headline["flush_outstanding"] = state.flush_outstanding
         headline["ingest_paused"] = state.ingest_paused
+        headline["held_by_pause"] = state.held_pending
+        headline["killswitch_dropped"] = sum(state.killed.values())
+        headline["demoted_forwarded"] = state.demoted_forwarded
         for result, n in sorted(state.claims.items()):
             headline[f"claims_{result}"] = n
         for outcome, n in sorted(state.conclusions.items()):

@@ -206,7 +206,9 @@ def test_incident_controls_end_to_end(
         produce(kafka, topic, ("free-0", "free", "ok"), ("free-1", "free", "ok"))
         assert sorted(operator.claim_all(2)) == ["free-0", "free-1"]
         wait_for(lambda: operator.pending() == 3, WAIT_S, "the held tasks in /status")
-        assert operator.status()["runtime_rules"]["effective"]["paused_namespaces"] == ["held"]
+        status = operator.status()
+        assert status["runtime_rules"]["effective"]["paused_namespaces"] == ["held"]
+        assert status["headline"]["held_by_pause"] == 3
 
         reload_at_sighup(operator, process, demoted_topic)
 
@@ -235,6 +237,12 @@ def test_incident_controls_end_to_end(
         dropped = "taskbroker_killswitch_dropped"
         assert sample(families, dropped, f"{dropped}_total", entry="bad.task") == 2
         assert process.log.count("killswitch bad.task dropped its first activation") == 1
+        wait_for(
+            lambda: operator.status()["headline"]["demoted_forwarded"] == 2,
+            WAIT_S,
+            "the forwards in /status",
+        )
+        assert operator.status()["headline"]["killswitch_dropped"] == 2
 
         operator.control("pause", "--namespace", "later")
         produce(kafka, topic, ("later-0", "later", "ok"))
