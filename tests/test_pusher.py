@@ -413,7 +413,8 @@ def test_a_worker_down_at_start_costs_a_bounded_claim_rate_and_loses_nothing(
     worker = workers(port=port)
     wait_until(lambda: len(worker.accepted) == 20, "delivered once the worker is up")
     assert sorted(worker.accepted) == expected
-    assert counts(state) == {"processing": 20}
+    # The worker accepted before the pusher's settlement reached the state.
+    wait_until(lambda: counts(state) == {"processing": 20}, "every push acknowledged")
 
 
 def test_a_killed_worker_returns_unacknowledged_tasks_at_once_and_the_rest_at_deadline(
